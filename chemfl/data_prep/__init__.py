@@ -1,0 +1,1 @@
+"""Chemistry instruction data: sources, tasks, leakage-free splits, facility partitions, metrics."""

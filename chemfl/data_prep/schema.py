@@ -1,0 +1,60 @@
+"""The SMolInstruct record schema and the answer kinds its output tags stand for."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import pyarrow as pa
+
+# Field order of osunlp/SMolInstruct records. `target` names the property when a raw output
+# holds several (SMolInstruct's sider task); it is null otherwise.
+FIELDS: tuple[str, ...] = (
+    "input",
+    "output",
+    "raw_input",
+    "raw_output",
+    "split",
+    "task",
+    "input_core_tag_left",
+    "input_core_tag_right",
+    "output_core_tag_left",
+    "output_core_tag_right",
+    "target",
+)
+REQUIRED_FIELDS: tuple[str, ...] = tuple(f for f in FIELDS if f not in ("split", "target"))
+
+ARROW_SCHEMA = pa.schema([pa.field(name, pa.string()) for name in FIELDS])
+
+SPLITS: tuple[str, ...] = ("train", "validation", "test")
+
+
+class AnswerKind(str, Enum):
+    """How an answer is scored; decided by the record's output core tag."""
+
+    SMILES = "smiles"
+    FORMULA = "formula"
+    IUPAC = "iupac"
+    NUMBER = "number"
+    BOOLEAN = "boolean"
+    TEXT = "text"
+
+
+_KIND_BY_TAG = {
+    "<SMILES>": AnswerKind.SMILES,
+    "<SELFIES>": AnswerKind.TEXT,  # scored as text: decoding SELFIES is out of scope
+    "<MOLFORMULA>": AnswerKind.FORMULA,
+    "<IUPAC>": AnswerKind.IUPAC,
+    "<NUMBER>": AnswerKind.NUMBER,
+    "<BOOLEAN>": AnswerKind.BOOLEAN,
+}
+
+
+def answer_kind(output_core_tag_left: str | None) -> AnswerKind:
+    return _KIND_BY_TAG.get(output_core_tag_left or "", AnswerKind.TEXT)
+
+
+def tagged(core: str, left: str | None, right: str | None) -> str:
+    """SMolInstruct writes a core between its tags with one space on each side."""
+    if not left:
+        return core
+    return f"{left} {core} {right}"

@@ -1,0 +1,1 @@
+"""Where records come from: `offline` (packages only), `smolinstruct` (the Hub's data files), `files`."""

@@ -1,0 +1,112 @@
+"""An offline SMolInstruct-style set built from PubChem identifiers shipped in `chemicals`.
+
+Needs no network: the PubChem table (~71k compounds: formula, SMILES, InChIKey, IUPAC name) is
+package data of `chemicals`, and RDKit computes every label exactly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from chemfl.data_prep import chem
+from chemfl.data_prep.io import file_sha256
+from chemfl.data_prep.tasks import OFFLINE_TASKS_BY_NAME, Molecule
+from chemfl.errors import ChemFLError
+
+PUBCHEM_TABLE = "chemical identifiers pubchem large.tsv"
+
+# Molecules a 135M-parameter model can read in a few dozen tokens, with an organic-chemistry
+# vocabulary: single neutral fragments, 3-30 heavy atoms, names of at most 60 characters.
+ALLOWED_ELEMENTS = frozenset({"C", "H", "N", "O", "S", "P", "F", "Cl", "Br", "I"})
+MIN_HEAVY_ATOMS, MAX_HEAVY_ATOMS = 3, 30
+MAX_NAME_LENGTH = 60
+
+
+def pubchem_table_path() -> Path:
+    spec = importlib.util.find_spec("chemicals")
+    if spec is None or not spec.submodule_search_locations:
+        raise ChemFLError("the 'chemicals' package is not installed; run: pip install chemicals")
+    path = Path(next(iter(spec.submodule_search_locations))) / "Identifiers" / PUBCHEM_TABLE
+    if not path.is_file():
+        raise ChemFLError(f"'chemicals' has no PubChem table at {path}; reinstall chemicals>=1.3")
+    return path
+
+
+def molecule_from_row(columns: Sequence[str]) -> Molecule | None:
+    """A Molecule from one PubChem row, or None when it fails a filter."""
+    if len(columns) < 8:
+        return None
+    pubchem_formula, smiles, iupac = columns[2], columns[4], columns[7].strip()
+    if not iupac or len(iupac) > MAX_NAME_LENGTH or "." in smiles:
+        return None
+    mol = chem.mol_from_smiles(smiles)
+    if mol is None or not MIN_HEAVY_ATOMS <= mol.GetNumHeavyAtoms() <= MAX_HEAVY_ATOMS:
+        return None
+    elements = {atom.GetSymbol() for atom in mol.GetAtoms()}
+    if "C" not in elements or not elements <= ALLOWED_ELEMENTS:
+        return None
+    if any(atom.GetFormalCharge() for atom in mol.GetAtoms()):
+        return None
+    formula = chem.hill_formula(mol)
+    # PubChem's formula must agree with RDKit's reading of the SMILES: guards against rows
+    # whose SMILES and name describe different things.
+    if formula != pubchem_formula:
+        return None
+    return Molecule(
+        smiles=chem.canonical_smiles(smiles),
+        iupac=iupac,
+        formula=formula,
+        logp=chem.crippen_logp(mol),
+        fragment_like=chem.passes_rule_of_three(mol),
+    )
+
+
+def iter_molecules(table: Path, seed: int) -> Iterator[Molecule]:
+    """Molecules of the table in a seeded random order, unique by InChIKey and by name."""
+    with table.open(encoding="utf-8") as handle:
+        rows = [line.rstrip("\n").split("\t") for line in handle if line.strip()]
+    random.Random(seed).shuffle(rows)
+    seen: set[str] = set()
+    for columns in rows:
+        molecule = molecule_from_row(columns)
+        if molecule is None:
+            continue
+        identities = (chem.inchi_key(molecule.smiles), chem.normalize_iupac(molecule.iupac))
+        if any(identity in seen for identity in identities):
+            continue
+        seen.update(identities)
+        yield molecule
+
+
+def load_offline(
+    tasks: Sequence[str],
+    max_molecules: int,
+    seed: int,
+    on_molecule: Callable[[], None] = lambda: None,
+) -> tuple[list[dict], dict]:
+    """Records for `tasks` (one per task per molecule) and a description of the source."""
+    table = pubchem_table_path()
+    rng = random.Random(seed)
+    records: list[dict] = []
+    molecules = 0
+    for molecule in iter_molecules(table, seed):
+        if molecules >= max_molecules:
+            break
+        molecules += 1
+        records.extend(OFFLINE_TASKS_BY_NAME[task].record(molecule, rng) for task in tasks)
+        on_molecule()
+    if molecules < max_molecules:
+        raise ChemFLError(
+            f"the PubChem table holds only {molecules} usable molecules; "
+            f"set data.max-molecules <= {molecules}"
+        )
+    source = {
+        "name": "offline",
+        "table": f"chemicals/Identifiers/{PUBCHEM_TABLE}",
+        "table_sha256": file_sha256(table),
+        "molecules": molecules,
+    }
+    return records, source
