@@ -1,5 +1,6 @@
-"""The ClientApp: local LoRA fine-tuning on a facility's shard (filled in by the training issue)."""
+"""The ClientApp: trains the received global adapter on this facility's shard and replies with the
+adapter tensors and a handful of scalars. No text, token ids or data statistics leave the node."""
 
-from flwr.clientapp import ClientApp
+from chemfl.client_app.app import app
 
-app = ClientApp()
+__all__ = ["app"]

@@ -24,14 +24,13 @@ from chemfl.config import Scalar, split_list
 from chemfl.data_prep import io
 from chemfl.data_prep.partitions import PartitionSpec, parse_task_map, partition_indices
 from chemfl.data_prep.sources.files import load_files
-from chemfl.data_prep.sources.offline import load_offline
-from chemfl.data_prep.sources.smolinstruct import SMOLINSTRUCT_TASKS, load_smolinstruct
+from chemfl.data_prep.sources.offline import load_offline, pubchem_table_path
+from chemfl.data_prep.sources.smolinstruct import HUB_FILE, HUB_REPO, SMOLINSTRUCT_TASKS, load_smolinstruct
 from chemfl.data_prep.splits import split_records
 from chemfl.data_prep.tasks import OFFLINE_TASKS_BY_NAME
 from chemfl.errors import ChemFLError
 
 SOURCES = ("offline", "smolinstruct", "files")
-FORMAT = "chemfl-data/1"
 KNOWN_TASKS = {"offline": tuple(OFFLINE_TASKS_BY_NAME), "smolinstruct": SMOLINSTRUCT_TASKS}
 
 
@@ -121,8 +120,33 @@ class BuildSpec:
 
     @property
     def build_id(self) -> str:
-        canonical = json.dumps(self.to_json(), sort_keys=True).encode()
-        return hashlib.sha256(canonical).hexdigest()[:16]
+        """The id a build of this spec gets now (spec and input contents)."""
+        return compute_build_id(self, self.input_fingerprint())
+
+    def input_fingerprint(self) -> dict:
+        """What the source reads, by content: a changed input file means a different build."""
+        if self.source == "offline":
+            return {"pubchem_table_sha256": io.file_sha256(pubchem_table_path())}
+        if self.source == "files":
+            for path in self.files:
+                if not Path(path).expanduser().is_file():
+                    raise ChemFLError(f"data file {path} does not exist")
+            return {path: io.file_sha256(Path(path).expanduser()) for path in self.files}
+        location = Path(self.smolinstruct_path).expanduser() if self.smolinstruct_path else None
+        if location is None:
+            return {"hub": f"{HUB_REPO}/{HUB_FILE}"}
+        if location.is_file():
+            return {"sha256": io.file_sha256(location)}
+        if location.is_dir():  # a large extracted tree: sizes and times stand in for contents
+            listing = sorted((str(p.relative_to(location)), p.stat().st_size, p.stat().st_mtime_ns)
+                             for p in location.rglob("*") if p.is_file())
+            return {"listing_sha256": hashlib.sha256(json.dumps(listing).encode()).hexdigest()}
+        raise ChemFLError(f"data.smolinstruct-path {location} does not exist")
+
+
+def compute_build_id(spec: BuildSpec, inputs: dict) -> str:
+    canonical = json.dumps({"spec": spec.to_json(), "inputs": inputs}, sort_keys=True).encode()
+    return hashlib.sha256(canonical).hexdigest()[:16]
 
 
 @dataclass
@@ -143,7 +167,9 @@ def build_dataset(spec: BuildSpec, out_dir: Path, force: bool = False, step: Ste
     started = time.perf_counter()
     out_dir = Path(out_dir)
     existing = io.existing_build_id(out_dir)
-    if existing == spec.build_id and not force:
+    inputs = spec.input_fingerprint()  # hashed once: the offline table is ~30 MB
+    build_id = compute_build_id(spec, inputs)
+    if existing == build_id and not force:
         problems = verify_build(out_dir)
         if problems:
             raise ChemFLError(
@@ -154,10 +180,11 @@ def build_dataset(spec: BuildSpec, out_dir: Path, force: bool = False, step: Ste
     if existing is not None and not force:
         raise ChemFLError(
             f"{out_dir} already holds a different build (build id {existing}, this one is "
-            f"{spec.build_id}); pass --force to replace it, or choose another output folder"
+            f"{build_id}); pass --force to replace it, or choose another output folder"
         )
 
     records, source_info = _load(spec, step)
+    source_info["inputs"] = inputs
     tasks = spec.tasks or tuple(sorted({record["task"] for record in records}))
     _check_tasks(spec, records, tasks)
     records, leakage_dropped = split_records(records, spec.test_fraction, spec.validation_fraction, spec.seed)
@@ -172,7 +199,7 @@ def build_dataset(spec: BuildSpec, out_dir: Path, force: bool = False, step: Ste
 
     staging = io.staging_dir(out_dir)
     try:
-        manifest = _write(staging, spec, tasks, source_info, by_split, pool, parts, leakage_dropped, step)
+        manifest = _write(staging, spec, build_id, tasks, source_info, by_split, pool, parts, leakage_dropped, step)
         io.replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -183,13 +210,13 @@ def build_dataset(spec: BuildSpec, out_dir: Path, force: bool = False, step: Ste
 def _load(spec: BuildSpec, step: Step) -> tuple[list[dict], dict]:
     if spec.source == "offline":
         advance = step("molecules from PubChem", spec.max_molecules)
-        return load_offline(spec.tasks, spec.max_molecules, spec.seed, advance)
+        return load_offline(spec.tasks, spec.max_molecules, spec.seed, spec.test_fraction,
+                            spec.validation_fraction, advance)
     if spec.source == "smolinstruct":
         step("reading SMolInstruct", 1)
         return load_smolinstruct(spec.smolinstruct_path, spec.tasks, spec.max_per_task)
     step("reading data files", 1)
     records, info = load_files(spec.files, spec.tasks, spec.max_per_task)
-    info["sha256"] = {path: io.file_sha256(Path(path).expanduser()) for path in spec.files}
     return records, info
 
 
@@ -206,7 +233,7 @@ def count_tasks(records: list[dict]) -> dict[str, int]:
     return dict(sorted(Counter(record["task"] for record in records).items()))
 
 
-def _write(staging, spec, tasks, source_info, by_split, pool, parts, leakage_dropped, step) -> dict:
+def _write(staging, spec, build_id, tasks, source_info, by_split, pool, parts, leakage_dropped, step) -> dict:
     advance = step("writing files", 2 + len(parts))
     files: dict[str, str] = {}
     for split in ("test", "validation"):
@@ -220,15 +247,15 @@ def _write(staging, spec, tasks, source_info, by_split, pool, parts, leakage_dro
             shard_records = [pool[i] for i in rows if pool[i]["split"] == split]
             shard_files[f"{split}.parquet"] = io.write_records(shard_dir / f"{split}.parquet", shard_records)
             shard_counts[split] = count_tasks(shard_records)
-        shard = {"build_id": spec.build_id, "facility": name, "partition_id": partition_id,
+        shard = {"build_id": build_id, "facility": name, "partition_id": partition_id,
                  "counts": shard_counts, "files": shard_files}
         shard_files[io.SHARD_MANIFEST] = io.write_json(shard_dir / io.SHARD_MANIFEST, shard)
         files.update({f"partitions/{name}/{rel}": digest for rel, digest in shard_files.items()})
         partitions[name] = {"partition_id": partition_id, **shard_counts}
         advance()
     manifest = {
-        "format": FORMAT,
-        "build_id": spec.build_id,
+        "format": io.FORMAT,
+        "build_id": build_id,
         "build": spec.to_json(),
         "source": source_info,
         "seed": spec.seed,

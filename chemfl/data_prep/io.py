@@ -15,6 +15,7 @@ from chemfl.data_prep.schema import ARROW_SCHEMA, FIELDS
 from chemfl.errors import ChemFLError
 
 MANIFEST = "manifest.json"
+FORMAT = "chemfl-data/1"  # manifest format tag
 SHARD_MANIFEST = "shard.json"
 
 
@@ -68,11 +69,18 @@ def staging_dir(target: Path) -> Path:
 
 
 def replace_dir(staging: Path, target: Path) -> None:
-    """Move a finished build into place; the old one is removed only after the swap."""
+    """Move a finished folder into place; the old one is put back if the swap fails, and
+    removed only once the new one is in place."""
     previous = target.parent / f".{target.name}.previous-{os.getpid()}"
-    if target.exists():
+    had_previous = target.exists()
+    if had_previous:
         os.replace(target, previous)
-    os.replace(staging, target)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        if had_previous:
+            os.replace(previous, target)
+        raise
     shutil.rmtree(previous, ignore_errors=True)
 
 
@@ -86,4 +94,10 @@ def existing_build_id(target: Path) -> str | None:
             f"{target} exists and is not a ChemFL data build (no {MANIFEST}); choose another "
             "output folder or remove it"
         )
-    return read_json(manifest).get("build_id")
+    data = read_json(manifest)
+    if data.get("format") != FORMAT or "build_id" not in data:
+        raise ChemFLError(
+            f"{target} holds a {MANIFEST} that is not a ChemFL data manifest; choose another "
+            "output folder or remove it"
+        )
+    return data["build_id"]

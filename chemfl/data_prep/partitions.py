@@ -146,8 +146,14 @@ def partition_indices(tasks_of_rows: Sequence[str], spec: PartitionSpec) -> list
         partitioner = NaturalIdPartitioner(partition_by="facility")
     partitioner.dataset = view
     if spec.scheme == "by-task":
-        natural_ids = _quietly(lambda: partitioner.partition_id_to_natural_id)
-        by_name = {name: pid for pid, name in natural_ids.items()}
+        _quietly(lambda: partitioner.num_partitions)  # makes flwr-datasets map ids to names
+        by_name = {name: pid for pid, name in partitioner.partition_id_to_natural_id.items()}
+        without_rows = [name for name in spec.facilities if name not in by_name]
+        if without_rows:
+            raise ChemFLError(
+                f"data.task-map sends no task with examples to {without_rows}; their partitions "
+                "would be empty"
+            )
         order = [by_name[name] for name in spec.facilities]
     try:
         rows = [_quietly(lambda pid=pid: partitioner.load_partition(pid)["row"]) for pid in order]

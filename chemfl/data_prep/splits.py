@@ -64,14 +64,18 @@ def molecule_groups(records: Sequence[dict]) -> list[list[int]]:
 
 
 def assign_splits(
-    records: list[dict], test_fraction: float, validation_fraction: float, seed: int
+    records: list[dict], test_fraction: float, validation_fraction: float, seed: int,
+    groups: list[list[int]] | None = None,
 ) -> None:
-    """Give every record a split, group by group, in a seeded order (records are edited in place)."""
-    groups = molecule_groups(records)
+    """Give every record a split, group by group, in a seeded order (records are edited in place).
+
+    `groups` defaults to molecule_groups(records); a source that knows its molecules (offline)
+    passes them, which also ties together records that name a molecule in different ways.
+    """
+    groups = list(molecule_groups(records) if groups is None else groups)
     random.Random(seed).shuffle(groups)
     total = len(records)
     targets = (("test", test_fraction * total), ("validation", validation_fraction * total))
-    assigned = 0
     position = 0
     for split, target in targets:
         taken = 0
@@ -80,7 +84,6 @@ def assign_splits(
                 records[index]["split"] = split
             taken += len(groups[position])
             position += 1
-        assigned += taken
     for group in groups[position:]:
         for index in group:
             records[index]["split"] = "train"

@@ -1,5 +1,5 @@
-"""The ServerApp: owns the global adapter and runs the strategy (filled in by the training issue)."""
+"""The ServerApp: owns the global adapter, runs the strategy, evaluates centrally, writes outputs."""
 
-from flwr.serverapp import ServerApp
+from chemfl.server_app.app import app
 
-app = ServerApp()
+__all__ = ["app"]

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from chemfl.data_prep import chem
-from chemfl.data_prep.io import file_sha256
+from chemfl.data_prep.splits import assign_splits
 from chemfl.data_prep.tasks import OFFLINE_TASKS_BY_NAME, Molecule
 from chemfl.errors import ChemFLError
 
@@ -85,28 +85,35 @@ def load_offline(
     tasks: Sequence[str],
     max_molecules: int,
     seed: int,
+    test_fraction: float,
+    validation_fraction: float,
     on_molecule: Callable[[], None] = lambda: None,
 ) -> tuple[list[dict], dict]:
-    """Records for `tasks` (one per task per molecule) and a description of the source."""
+    """Records for `tasks` (one per task per molecule), split by molecule, and a description.
+
+    The split is decided per molecule here, where the molecule is known: a task that only names
+    it (I2F) and one that only draws it (S2F) then share a split even when no task links the two.
+    """
     table = pubchem_table_path()
     rng = random.Random(seed)
     records: list[dict] = []
-    molecules = 0
+    groups: list[list[int]] = []
     for molecule in iter_molecules(table, seed):
-        if molecules >= max_molecules:
+        if len(groups) >= max_molecules:
             break
-        molecules += 1
+        start = len(records)
         records.extend(OFFLINE_TASKS_BY_NAME[task].record(molecule, rng) for task in tasks)
+        groups.append(list(range(start, len(records))))
         on_molecule()
-    if molecules < max_molecules:
+    if len(groups) < max_molecules:
         raise ChemFLError(
-            f"the PubChem table holds only {molecules} usable molecules; "
-            f"set data.max-molecules <= {molecules}"
+            f"the PubChem table holds only {len(groups)} usable molecules; "
+            f"set data.max-molecules <= {len(groups)}"
         )
+    assign_splits(records, test_fraction, validation_fraction, seed, groups=groups)
     source = {
         "name": "offline",
         "table": f"chemicals/Identifiers/{PUBCHEM_TABLE}",
-        "table_sha256": file_sha256(table),
-        "molecules": molecules,
+        "molecules": len(groups),
     }
     return records, source

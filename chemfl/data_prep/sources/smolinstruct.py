@@ -109,7 +109,10 @@ def _task_split_records(root: Any, task: str, folder: str, split: str, cap: int)
     samples = sample_file["samples"][:cap] if cap > 0 else sample_file["samples"]
     wanted = {sample["idx"] for sample in samples}
     raw: dict[int, dict] = {}
-    with (root / "raw" / folder / f"{task}.jsonl").open("r", encoding="utf-8") as handle:
+    raw_file = root / "raw" / folder / f"{task}.jsonl"
+    if not raw_file.is_file():
+        raise ChemFLError(f"SMolInstruct data is missing {raw_file}; is the download complete?")
+    with raw_file.open("r", encoding="utf-8") as handle:
         for index, line in enumerate(handle):
             if index in wanted:
                 raw[index] = json.loads(line)

@@ -1,0 +1,95 @@
+"""Flower glue for the ClientApp: messages in, chemfl.llm calls, messages out."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from functools import lru_cache
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from chemfl.config import resolve
+from chemfl.data_prep.formatting import tokenize_examples
+from chemfl.data_prep.shards import Shard, load_shard, shard_dir_for
+from chemfl.errors import ChemFLError
+from chemfl.llm.evaluation import EvalSpec, evaluate
+from chemfl.llm.lora import exchanged_state, frozen_a_digest, load_exchanged_state
+from chemfl.llm.session import get_session
+from chemfl.llm.training import TrainSpec, train_local
+
+app = ClientApp()
+
+# The only scalars a node reports after training.
+TRAIN_METRICS = ("num-examples", "train-loss", "steps", "seconds", "tokens-per-second")
+
+
+@lru_cache(maxsize=4)
+def _shard(folder: str) -> Shard:
+    return load_shard(Path(folder))
+
+
+def _node_shard(config: dict, context: Context) -> Shard:
+    return _shard(str(shard_dir_for(str(config["data.path"]), dict(context.node_config))))
+
+
+_EXAMPLES: dict[tuple, list[dict]] = {}
+
+
+def _training_examples(session, shard: Shard, max_length: int, system_prompt: str) -> list[dict]:
+    """Tokenized once per process and shard, then reused every round."""
+    key = (shard.build_id, shard.facility, max_length, system_prompt, id(session.tokenizer))
+    if key not in _EXAMPLES:
+        _EXAMPLES.clear()
+        _EXAMPLES[key], _ = tokenize_examples(session.tokenizer, shard.train, max_length, system_prompt)
+    return _EXAMPLES[key]
+
+
+def _receive_adapter(session, msg: Message) -> None:
+    config = msg.content["config"]
+    if session.lora_spec.freeze_a and config.get("lora-a-digest") != frozen_a_digest(session.model):
+        raise ChemFLError("this node's frozen LoRA A differs from the server's; both must use the same "
+                          "model.name, lora.* settings and lora.seed")
+    load_exchanged_state(session.model, session.lora_spec, msg.content["arrays"].to_torch_state_dict())
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config = resolve(context.run_config)
+    spec = TrainSpec.from_config(config)
+    session = get_session(config)
+    shard = _node_shard(config, context)
+    _receive_adapter(session, msg)
+    examples = _training_examples(session, shard, spec.max_length, str(config["model.system-prompt"]))
+    server_round = int(msg.content["config"].get("server-round", 0))
+    # A different batch order every round and facility, reproducible from the seeds.
+    seed = spec.seed * 1_000_003 + server_round * 1_009 + shard.partition_id
+    result = train_local(session.model, examples, spec, session.tokenizer.pad_token_id, seed, session.accelerator)
+    metrics = MetricRecord({
+        "num-examples": len(examples),
+        "train-loss": result.loss,
+        "steps": result.steps,
+        "seconds": result.seconds,
+        "tokens-per-second": result.tokens_per_second,
+    })
+    reply = RecordDict({
+        "arrays": ArrayRecord(exchanged_state(session.model, session.lora_spec)),
+        "metrics": metrics,
+        "node": ConfigRecord({"facility": shard.facility}),
+    })
+    return Message(content=reply, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_node(msg: Message, context: Context) -> Message:
+    config = resolve(context.run_config)
+    session = get_session(config)
+    shard = _node_shard(config, context)
+    _receive_adapter(session, msg)
+    spec = replace(EvalSpec.from_config(config), generate_per_task=int(config["eval.node-generate-per-task"]))
+    result = evaluate(session.model, session.tokenizer, shard.validation, spec,
+                      int(config["train.max-length"]), str(config["model.system-prompt"]))
+    metrics = {"num-examples": result["n_loss"], "eval-loss": result["loss"]}
+    if result["overall"]:
+        metrics["exact-match"] = result["overall"]["exact_match"]
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -1,0 +1,112 @@
+"""LoRA adapters through peft: attach (seeded), read and write the exchanged tensors, save in
+PEFT's standard format (adapter_config.json + adapter_model.safetensors).
+
+With `lora.freeze-a` (FFA-LoRA, Sun et al., ICLR 2024) every A matrix stays at its seeded
+initialisation on every node and only B is trained and exchanged: the aggregate of B @ A is then
+exactly the average of the products, and the payload halves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from chemfl.llm.model import LoraSpec
+from chemfl.errors import ChemFLError
+
+
+def attach_lora(model, spec: LoraSpec, quantized: bool):
+    """The peft model around `model`; A and B initialised from `spec.seed` (same on every node)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    config = LoraConfig(
+        r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, bias="none",
+        target_modules=spec.target_modules if spec.target_modules == "all-linear" else list(spec.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        try:
+            peft_model = get_peft_model(model, config)
+        except ValueError as error:
+            if "not found" not in str(error).lower() and "target modules" not in str(error).lower():
+                raise
+            linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                             if isinstance(module, torch.nn.Linear)})
+            raise ChemFLError(
+                f"lora.target-modules {spec.target_modules!r} are not in this model; its linear "
+                f"layers are {linear} (or use \"all-linear\")"
+            ) from error
+    if spec.freeze_a:
+        for name, parameter in peft_model.named_parameters():
+            if ".lora_A." in name:
+                parameter.requires_grad_(False)
+    return peft_model
+
+
+def _adapter_name(name: str) -> str:
+    # peft's parameter names carry the adapter name ("...lora_A.default.weight"); exchanged names
+    # drop it, as in adapter_model.safetensors.
+    return name.replace(".default.", ".")
+
+
+def exchanged_state(peft_model, spec: LoraSpec) -> OrderedDict[str, torch.Tensor]:
+    """The tensors that travel, fp32 on CPU: every LoRA A and B, or only B under freeze-a."""
+    state = OrderedDict()
+    for name, parameter in peft_model.named_parameters():
+        if ".lora_A." in name and spec.freeze_a:
+            continue
+        if ".lora_A." in name or ".lora_B." in name:
+            state[_adapter_name(name)] = parameter.detach().to("cpu", torch.float32).clone()
+    return state
+
+
+def load_exchanged_state(peft_model, spec: LoraSpec, state: dict[str, torch.Tensor]) -> None:
+    """Copy received tensors into the adapter; keys and shapes must match exactly."""
+    parameters = {_adapter_name(name): p for name, p in peft_model.named_parameters()
+                  if ".lora_A." in name or ".lora_B." in name}
+    expected = {k for k in parameters if not (spec.freeze_a and ".lora_A." in k)}
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ChemFLError(
+            f"received adapter does not fit this model: missing {missing[:3]}, unexpected "
+            f"{extra[:3]}; server and nodes must share model.name, lora.r, lora.target-modules, lora.freeze-a"
+        )
+    with torch.no_grad():
+        for key, tensor in state.items():
+            parameter = parameters[key]
+            if tuple(tensor.shape) != tuple(parameter.shape):
+                raise ChemFLError(f"received {key} has shape {tuple(tensor.shape)}, expected {tuple(parameter.shape)}")
+            parameter.copy_(tensor.to(parameter.device, parameter.dtype))
+
+
+def frozen_a_digest(peft_model) -> str:
+    """sha256 over every A matrix: nodes check they share the server's frozen A."""
+    digest = hashlib.sha256()
+    for name, parameter in sorted(peft_model.named_parameters(), key=lambda item: item[0]):
+        if ".lora_A." in name:
+            digest.update(name.encode())
+            digest.update(parameter.detach().to("cpu", torch.float32).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_adapter(peft_model, folder: Path) -> Path:
+    """PEFT-format adapter at `folder` (written beside it, then renamed into place)."""
+    folder = Path(folder)
+    staging = folder.parent / f".{folder.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(str(staging))
+    previous = folder.parent / f".{folder.name}.previous-{os.getpid()}"
+    if folder.exists():
+        os.replace(folder, previous)
+    os.replace(staging, folder)
+    shutil.rmtree(previous, ignore_errors=True)
+    return folder

@@ -1,0 +1,128 @@
+"""Local training: completion-only loss on chat-formatted records, a fixed number of optimizer steps.
+
+accelerate handles mixed precision (bf16 autocast on GPUs, fp32 on CPU) and the backward pass;
+the model is already on its device, so the loop stays a plain, readable PyTorch loop.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from chemfl.config import Scalar
+from chemfl.data_prep.formatting import IGNORE_INDEX
+from chemfl.errors import ChemFLError
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    local_steps: int
+    batch_size: int
+    grad_accum: int
+    lr: float
+    lr_schedule: str
+    warmup_steps: int
+    max_length: int
+    seed: int
+
+    @classmethod
+    def from_config(cls, config: dict[str, Scalar]) -> TrainSpec:
+        spec = cls(
+            local_steps=int(config["train.local-steps"]), batch_size=int(config["train.batch-size"]),
+            grad_accum=int(config["train.grad-accum"]), lr=float(config["train.lr"]),
+            lr_schedule=str(config["train.lr-schedule"]), warmup_steps=int(config["train.warmup-steps"]),
+            max_length=int(config["train.max-length"]), seed=int(config["train.seed"]),
+        )
+        if spec.lr_schedule not in SCHEDULES:
+            raise ChemFLError(f"train.lr-schedule = {spec.lr_schedule!r}; use one of {', '.join(SCHEDULES)}")
+        for key, value in (("train.local-steps", spec.local_steps), ("train.batch-size", spec.batch_size),
+                           ("train.grad-accum", spec.grad_accum), ("train.max-length", spec.max_length)):
+            if value <= 0:
+                raise ChemFLError(f"{key} = {value} must be positive")
+        if not spec.lr > 0:
+            raise ChemFLError(f"train.lr = {spec.lr} must be positive")
+        return spec
+
+
+@dataclass
+class TrainResult:
+    loss: float  # mean of the optimizer steps' losses
+    steps: int
+    seconds: float
+    tokens: int  # non-padding tokens through forward and backward
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def collate(examples: Sequence[dict[str, list[int]]], pad_id: int, left: bool = False) -> dict[str, torch.Tensor]:
+    """Pad to the longest example (right for training, left for generation)."""
+    width = max(len(e["input_ids"]) for e in examples)
+    batch = {"input_ids": [], "attention_mask": [], "labels": []}
+    for example in examples:
+        pad = width - len(example["input_ids"])
+        for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("labels", IGNORE_INDEX)):
+            values = example.get(key, example["input_ids"] if key == "labels" else None)
+            batch[key].append([fill] * pad + values if left else values + [fill] * pad)
+    return {key: torch.tensor(value) for key, value in batch.items()}
+
+
+def batch_stream(n_examples: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Endless batches of example indices: a seeded shuffle per pass over the data."""
+    rng = random.Random(seed)
+    while True:
+        order = list(range(n_examples))
+        rng.shuffle(order)
+        for start in range(0, n_examples, batch_size):
+            yield order[start:start + batch_size]
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+    return factor
+
+
+def train_local(model, examples: Sequence[dict], spec: TrainSpec, pad_id: int, seed: int, accelerator) -> TrainResult:
+    """`spec.local_steps` optimizer steps of AdamW over the trainable (LoRA) parameters."""
+    if not examples:
+        raise ChemFLError("no training examples left after formatting; raise train.max-length")
+    device = next(model.parameters()).device
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(spec.lr_schedule, spec.warmup_steps, spec.local_steps))
+    stream = batch_stream(len(examples), spec.batch_size, seed)
+    model.train()
+    losses, tokens = [], 0
+    started = time.perf_counter()
+    for _ in range(spec.local_steps):
+        step_loss = 0.0
+        for _ in range(spec.grad_accum):
+            batch = {k: v.to(device) for k, v in collate([examples[i] for i in next(stream)], pad_id).items()}
+            with accelerator.autocast():
+                loss = model(**batch).loss / spec.grad_accum
+            accelerator.backward(loss)
+            step_loss += loss.item()
+            tokens += int(batch["attention_mask"].sum())
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(step_loss)
+    return TrainResult(sum(losses) / len(losses), spec.local_steps, time.perf_counter() - started, tokens)

@@ -1,0 +1,41 @@
+"""outputs/<run-name>/: resolved config, metrics.jsonl, PEFT adapters, the before/after summary."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from chemfl.llm.lora import save_adapter
+
+
+class RunOutputs:
+    """The latest run of a name is always at outputs/<run-name>; an earlier run found there is
+    moved aside to outputs/<run-name>.<n> first, so nothing already written is lost."""
+
+    def __init__(self, root: Path, run_name: str):
+        self.dir = Path(root) / run_name
+        if self.dir.exists() and any(self.dir.iterdir()):
+            n = 1
+            while self.dir.with_name(f"{run_name}.{n}").exists():
+                n += 1
+            os.replace(self.dir, self.dir.with_name(f"{run_name}.{n}"))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.dir / "metrics.jsonl"
+
+    def write_json(self, name: str, data: dict) -> Path:
+        """Written to a temporary file, then renamed: never half-written."""
+        path = self.dir / name
+        temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(temporary, path)
+        return path
+
+    def append_metrics(self, line: dict) -> None:
+        with self.metrics_path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(line, sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def save_adapter(self, model, name: str) -> Path:
+        return save_adapter(model, self.dir / name)

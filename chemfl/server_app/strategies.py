@@ -1,0 +1,59 @@
+"""Strategy selection. `fedavg` is Flower's own FedAvg; the asynchronous strategies plug in here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from chemfl.errors import ChemFLError
+
+STRATEGIES = ("fedavg",)
+
+RoundListener = Callable[[int, dict], None]
+
+
+class ObservedFedAvg(FedAvg):
+    """Flower's FedAvg (McMahan et al., AISTATS 2017), x <- sum_k n_k/n x_k with n_k the node's
+    number of training examples, unchanged. It only reports, per round, which facilities trained,
+    the bytes sent and received, and failed replies, to a listener (metrics.jsonl, progress)."""
+
+    def __init__(self, listener: RoundListener, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._listener = listener
+        self._sent_bytes = 0
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._sent_bytes = sum(message.content["arrays"].count_bytes() for message in messages)
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        ok = [reply for reply in replies if not reply.has_error()]
+        self._listener(server_round, {
+            "facilities": sorted(str(r.content["node"]["facility"]) for r in ok if "node" in r.content),
+            "failed_replies": len(replies) - len(ok),
+            "bytes_sent": self._sent_bytes,
+            "bytes_received": sum(r.content["arrays"].count_bytes() for r in ok),
+            "train": dict(metrics) if metrics is not None else {},
+        })
+        return arrays, metrics
+
+
+def make_strategy(config: dict, listener: RoundListener) -> FedAvg:
+    name = str(config["strategy.name"])
+    if name not in STRATEGIES:
+        raise ChemFLError(f"unknown strategy.name {name!r}; use one of {', '.join(STRATEGIES)}")
+    min_nodes = int(config["strategy.min-nodes"])
+    return ObservedFedAvg(
+        listener,
+        fraction_train=float(config["strategy.fraction-train"]),
+        fraction_evaluate=float(config["strategy.fraction-evaluate"]),
+        min_train_nodes=min_nodes, min_evaluate_nodes=min_nodes, min_available_nodes=min_nodes,
+    )

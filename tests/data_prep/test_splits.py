@@ -1,0 +1,213 @@
+"""Molecule-level splits: no molecule on both sides of a split boundary."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from chemfl.data_prep import chem, io
+from chemfl.data_prep.schema import FIELDS
+from chemfl.data_prep.sources.offline import load_offline
+from chemfl.data_prep.splits import (
+    assign_splits,
+    molecule_groups,
+    record_identities,
+    remove_leakage,
+    split_records,
+)
+from chemfl.errors import ChemFLError
+
+TAG = {"smiles": ("<SMILES>", "</SMILES>"), "iupac": ("<IUPAC>", "</IUPAC>"),
+       "formula": ("<MOLFORMULA>", "</MOLFORMULA>"), "number": ("<NUMBER>", "</NUMBER>")}
+
+
+def make(task: str, raw_input: str, in_kind: str, raw_output: str, out_kind: str, split: str | None = None) -> dict:
+    (in_left, in_right), (out_left, out_right) = TAG[in_kind], TAG[out_kind]
+    return {
+        "input": f"Q {in_left} {raw_input} {in_right}",
+        "output": f"{out_left} {raw_output} {out_right}",
+        "raw_input": raw_input,
+        "raw_output": raw_output,
+        "split": split,
+        "task": task,
+        "input_core_tag_left": in_left,
+        "input_core_tag_right": in_right,
+        "output_core_tag_left": out_left,
+        "output_core_tag_right": out_right,
+        "target": None,
+    }
+
+
+def ethanol_records() -> list[dict]:
+    """Ethanol asked five ways: SMILES written three ways, its name in two letter cases."""
+    return [
+        make("s2f", "OCC", "smiles", "C2H6O", "formula"),
+        make("s2i", "C(C)O", "smiles", "ethanol", "iupac"),
+        make("i2s", "Ethanol", "iupac", "CCO", "smiles"),
+        make("i2f", "ETHANOL ", "iupac", "C2H6O", "formula"),
+        make("logp", "[CH3][CH2][OH]", "smiles", "-0.00", "number"),
+    ]
+
+
+def filler_records(n: int) -> list[dict]:
+    """n distinct molecules (straight chains C1..Cn), one s2f record each."""
+    return [make("s2f", "C" * k, "smiles", f"C{k}H{2 * k + 2}", "formula") for k in range(1, n + 1)]
+
+
+def assert_no_identity_crosses_splits(records: list[dict]) -> None:
+    by_split: dict[str, set[str]] = {"train": set(), "validation": set(), "test": set()}
+    for record in records:
+        by_split[record["split"]] |= record_identities(record)
+    assert not by_split["test"] & by_split["train"]
+    assert not by_split["test"] & by_split["validation"]
+    assert not by_split["validation"] & by_split["train"]
+
+
+# --- identities and groups ---------------------------------------------------------------------
+
+
+def test_the_same_molecule_written_differently_has_one_identity():
+    keys = [record_identities(r) for r in ethanol_records()]
+    mol = "mol:" + chem.inchi_key("CCO")
+    name = "name:ethanol"
+    assert keys == [{mol}, {mol, name}, {name, mol}, {name}, {mol}]
+
+
+def test_records_about_one_molecule_form_one_group():
+    records = filler_records(6) + ethanol_records()
+    groups = molecule_groups(records)
+    assert sorted(i for group in groups for i in group) == list(range(len(records)))
+    ethanol = set(range(6, 11))
+    assert ethanol in [set(group) for group in groups]
+    assert len(groups) == 6 + 1  # six chains (ethane is not ethanol) and one ethanol group
+    assert molecule_groups(records) == groups  # deterministic
+
+
+def test_a_name_only_record_joins_its_molecule_through_a_bridging_record():
+    # i2f knows only the name and s2f only the structure; s2i ties them together.
+    i2f, s2f = make("i2f", "ethanol", "iupac", "C2H6O", "formula"), make("s2f", "OCC", "smiles", "C2H6O", "formula")
+    assert len(molecule_groups([i2f, s2f])) == 2
+    bridge = make("s2i", "CCO", "smiles", "Ethanol", "iupac")
+    assert molecule_groups([i2f, s2f, bridge]) == [[0, 1, 2]]
+
+
+def test_invalid_smiles_and_text_only_records_still_get_identities():
+    bad = make("s2f", " C1CC ", "smiles", "C3H6", "formula")
+    assert record_identities(bad) == {"mol:C1CC"}
+    text = {**bad, "input_core_tag_left": None, "output_core_tag_left": None, "raw_input": "describe it"}
+    assert record_identities(text) == {"text:s2f:describe it"}
+
+
+# --- assigned splits ---------------------------------------------------------------------------
+
+
+def test_handcrafted_molecule_never_straddles_splits_for_any_seed():
+    for seed in range(12):
+        records = filler_records(40) + ethanol_records()
+        kept, dropped = split_records(records, 0.2, 0.2, seed)
+        assert len(kept) == len(records) and not dropped
+        assert len({r["split"] for r in kept[-5:]}) == 1, seed  # all five ethanol records together
+        assert_no_identity_crosses_splits(kept)
+        assert {r["split"] for r in kept} == {"train", "validation", "test"}
+
+
+def test_split_sizes_follow_the_fractions():
+    records = filler_records(100)
+    assign_splits(records, 0.1, 0.2, seed=3)
+    counts = Counter(r["split"] for r in records)
+    assert counts == {"test": 10, "validation": 20, "train": 70}
+
+
+def test_split_assignment_is_deterministic_for_a_seed_and_differs_for_another():
+    def splits(seed: int) -> list[str]:
+        records = filler_records(60) + ethanol_records()
+        assign_splits(records, 0.1, 0.1, seed)
+        return [r["split"] for r in records]
+
+    assert splits(5) == splits(5)
+    assert splits(5) != splits(6)
+
+
+def test_no_leakage_on_a_small_offline_build(small_build):
+    test = io.read_records(small_build / "test.parquet")
+    validation = io.read_records(small_build / "validation.parquet")
+    train = [r for shard in sorted(small_build.glob("partitions/*/train.parquet")) for r in io.read_records(shard)]
+    shard_validation = [r for shard in sorted(small_build.glob("partitions/*/validation.parquet"))
+                        for r in io.read_records(shard)]
+    assert test and validation and train
+    assert sorted(map(repr, shard_validation)) == sorted(map(repr, validation))
+
+    def identities(records):
+        return set().union(*(record_identities(r) for r in records))
+
+    assert not identities(test) & identities(train)
+    assert not identities(test) & identities(validation)
+    assert not identities(validation) & identities(train)
+    assert {r["split"] for r in test} == {"test"} and {r["split"] for r in train} == {"train"}
+
+
+def test_a_molecule_asked_only_by_name_in_one_task_and_by_structure_in_another_stays_in_one_split():
+    """Offline records of a task subset without i2s/s2i: the same molecule appears as a name (i2f)
+    and as a SMILES (logp). splits.py promises no molecule on both sides of a split boundary."""
+    named, _ = load_offline(["name_conversion-i2s"], 60, 42, 0.1, 0.05)
+    key_of_name = {r["raw_input"]: chem.inchi_key(r["raw_output"]) for r in named}
+    records, _ = load_offline(["name_conversion-i2f", "property_prediction-logp"], 60, 42, 0.1, 0.05)
+    kept, _ = split_records(records, 0.1, 0.05, 42)
+
+    def molecule(record):
+        if record["task"] == "name_conversion-i2f":
+            return key_of_name[record["raw_input"]]
+        return chem.inchi_key(record["raw_input"])
+
+    test = {molecule(r) for r in kept if r["split"] == "test"}
+    train = {molecule(r) for r in kept if r["split"] == "train"}
+    assert test
+    assert not test & train, f"{len(test & train)} of {len(test)} test molecules are also in train"
+
+
+# --- given splits ------------------------------------------------------------------------------
+
+
+def test_remove_leakage_keeps_test_and_drops_train_and_validation_copies():
+    records = [
+        make("s2f", "CCO", "smiles", "C2H6O", "formula", "train"),
+        make("i2f", "ethanol", "iupac", "C2H6O", "formula", "train"),  # joins via the s2i test record
+        make("s2i", "OCC", "smiles", "ethanol", "iupac", "test"),
+        make("s2f", "C(C)O", "smiles", "C2H6O", "formula", "validation"),
+        make("s2f", "CCC", "smiles", "C3H8", "formula", "validation"),
+        make("s2f", "C(C)C", "smiles", "C3H8", "formula", "train"),  # propane sits in validation
+        make("s2f", "CCCC", "smiles", "C4H10", "formula", "train"),
+        make("s2f", "CCCCC", "smiles", "C5H12", "formula", "test"),
+    ]
+    kept, dropped = remove_leakage(records)
+    assert [r["raw_input"] for r in kept] == ["OCC", "CCC", "CCCC", "CCCCC"]
+    assert dropped == {"train": 3, "validation": 1}
+    assert_no_identity_crosses_splits(kept)
+
+
+def test_split_records_keeps_given_splits():
+    records = [make("s2f", "C" * k, "smiles", "x", "formula", split)
+               for k, split in zip(range(1, 7), ["train", "train", "validation", "test", "train", "test"])]
+    kept, dropped = split_records([dict(r) for r in records], 0.5, 0.4, seed=0)
+    assert [r["split"] for r in kept] == [r["split"] for r in records]
+    assert not dropped
+
+
+def test_mixed_split_and_no_split_records_are_refused():
+    records = filler_records(10)
+    records[3]["split"] = "test"
+    with pytest.raises(ChemFLError, match="1 of 10 records carry a split"):
+        split_records(records, 0.1, 0.1, 0)
+
+
+def test_a_split_that_comes_out_empty_is_an_error():
+    records = [make("s2f", "C" * k, "smiles", "x", "formula", "train" if k < 4 else "test") for k in range(1, 6)]
+    with pytest.raises(ChemFLError, match="validation"):
+        split_records(records, 0.1, 0.1, 0)
+
+
+def test_records_keep_their_fields():
+    records = filler_records(20)
+    kept, _ = split_records(records, 0.1, 0.1, 0)
+    assert all(set(r) == set(FIELDS) for r in kept)

@@ -1,0 +1,114 @@
+import pytest
+import torch
+from flwr.app import ArrayRecord
+
+from chemfl.data_prep.formatting import tokenize_examples
+from chemfl.errors import ChemFLError
+from chemfl.llm.lora import attach_lora, exchanged_state, frozen_a_digest, load_exchanged_state
+from chemfl.llm.model import LoraSpec, ModelSpec, load_base_model
+from chemfl.llm.session import get_session
+from chemfl.llm.training import TrainSpec, collate, train_local
+
+RECORDS = [
+    {"input": "What is the formula of <SMILES> CCO </SMILES> ?", "output": "<MOLFORMULA> C2H6O </MOLFORMULA>"},
+    {"input": "Name <SMILES> CCO </SMILES> .", "output": "<IUPAC> ethanol </IUPAC>"},
+]
+
+
+def fresh_model(config):
+    model_spec, lora_spec = ModelSpec.from_config(config), LoraSpec.from_config(config)
+    base, tokenizer = load_base_model(model_spec, torch.device("cpu"))
+    return attach_lora(base, lora_spec, quantized=model_spec.quantization != "none"), tokenizer, lora_spec
+
+
+def batch_loss(model, batch):
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).loss.item()
+
+
+def test_local_training_lowers_loss_on_a_fixed_batch(tiny_config):
+    config = tiny_config({"train.local-steps": 5})
+    session = get_session(config)
+    examples, _ = tokenize_examples(session.tokenizer, RECORDS, 96)
+    batch = collate(examples, session.tokenizer.pad_token_id)
+    before = batch_loss(session.model, batch)
+    result = train_local(session.model, examples, TrainSpec.from_config(config), session.tokenizer.pad_token_id,
+                         seed=0, accelerator=session.accelerator)
+    after = batch_loss(session.model, batch)
+    assert after < before
+    assert result.steps == 5 and result.tokens > 0 and result.tokens_per_second > 0
+
+
+def test_adapter_round_trips_through_arrayrecord_exactly(tiny_config):
+    config = tiny_config()
+    model, _, spec = fresh_model(config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.normal_()
+    sent = exchanged_state(model, spec)
+    received = ArrayRecord(sent).to_torch_state_dict()
+    other, _, _ = fresh_model(config)
+    load_exchanged_state(other, spec, received)
+    back = exchanged_state(other, spec)
+    assert list(back) == list(sent)
+    assert all(torch.equal(back[key], sent[key]) for key in sent)
+    assert all(tensor.dtype == torch.float32 for tensor in back.values())
+
+
+def test_nodes_and_server_start_from_the_same_seeded_adapter(tiny_config):
+    first, _, spec = fresh_model(tiny_config())
+    second, _, _ = fresh_model(tiny_config())
+    a, b = exchanged_state(first, spec), exchanged_state(second, spec)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    third, _, spec3 = fresh_model(tiny_config({"lora.seed": 1}))
+    c = exchanged_state(third, spec3)
+    assert any(not torch.equal(a[key], c[key]) for key in a if "lora_A" in key)
+
+
+def test_ffa_lora_keeps_a_fixed_and_sends_only_b(tiny_config):
+    config = tiny_config({"lora.freeze-a": True, "train.local-steps": 3})
+    model, tokenizer, spec = fresh_model(config)
+    full = exchanged_state(*fresh_model(tiny_config())[::2])
+    a_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+    b_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    digest = frozen_a_digest(model)
+    examples, _ = tokenize_examples(tokenizer, RECORDS, 96)
+    from accelerate import Accelerator
+
+    train_local(model, examples, TrainSpec.from_config(config), tokenizer.pad_token_id, 0, Accelerator(cpu=True))
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[n], a_before[n]) for n in a_before)
+    assert any(not torch.equal(after[n], b_before[n]) for n in b_before)
+    assert frozen_a_digest(model) == digest
+    sent = exchanged_state(model, spec)
+    assert sent and all(".lora_B." in key for key in sent)
+    assert sum(t.numel() for t in sent.values()) < sum(t.numel() for t in full.values())
+
+
+def test_received_adapter_must_fit(tiny_config):
+    model, _, spec = fresh_model(tiny_config())
+    state = exchanged_state(model, spec)
+    state.popitem()
+    with pytest.raises(ChemFLError, match="does not fit"):
+        load_exchanged_state(model, spec, state)
+
+
+def test_unknown_lora_target_modules_is_a_clear_error(tiny_config):
+    with pytest.raises(ChemFLError, match="not in this model.*q_proj"):
+        fresh_model(tiny_config({"lora.target-modules": "attn_qkv"}))
+
+
+def test_four_bit_qlora_path_trains_on_cpu(tiny_config):
+    config = tiny_config({"model.quantization": "4bit", "train.local-steps": 2})
+    model, tokenizer, _ = fresh_model(config)
+    quantized = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    assert quantized, "4-bit path did not quantize any layer"
+    examples, _ = tokenize_examples(tokenizer, RECORDS, 96)
+    from accelerate import Accelerator
+
+    lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    result = train_local(model, examples, TrainSpec.from_config(config), tokenizer.pad_token_id, 0, Accelerator(cpu=True))
+    assert result.steps == 2
+    assert any(not torch.equal(p, lora_before[n]) for n, p in model.named_parameters() if n in lora_before)
