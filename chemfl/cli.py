@@ -1,11 +1,14 @@
-"""The `chemfl` command. `chemfl data build|verify|baselines`; more rooms add their own verbs."""
+"""The `chemfl` command: `chemfl data build|verify|baselines`, `chemfl simulate`, `chemfl eval`."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from chemfl.config import resolve
 from chemfl.data_prep import cli as data_cli
 from chemfl.errors import ChemFLError
 
@@ -14,14 +17,58 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="chemfl", description="Federated LoRA fine-tuning of chemistry LLMs across supercomputers."
     )
-    verbs = parser.add_subparsers(dest="room", required=True, metavar="{data}")
+    verbs = parser.add_subparsers(dest="room", required=True, metavar="{data,simulate,eval}")
     data_cli.register(verbs)
+    register_simulate(verbs)
+    register_eval(verbs)
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
     except ChemFLError as error:
         print(f"chemfl: error: {error}", file=sys.stderr)
         return 2
+
+
+def register_simulate(verbs: argparse._SubParsersAction) -> None:
+    simulate = verbs.add_parser(
+        "simulate", help="run a recipe on Flower's simulation engine with a private, managed SuperLink",
+        description="flwr run . --run-config RECIPE --stream, with its own Flower home under .flwr/, "
+        "one SuperNode per facility, fresh ports, and the SuperLink stopped at the end.",
+    )
+    simulate.add_argument("recipe", type=Path, help="e.g. recipes/laptop.toml")
+    simulate.add_argument("--app", type=Path, default=Path("."), help="the Flower App folder (default: .)")
+    simulate.add_argument("--supernodes", type=int, default=None, help="default: one per facility in the recipe")
+    simulate.add_argument("--cpus-per-client", type=int, default=2,
+                          help="CPU cores per simulated ClientApp (default 2: one at a time on a 2-core laptop)")
+    simulate.set_defaults(handler=run_simulate)
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    from chemfl.simulation import simulate
+
+    if not args.recipe.is_file():
+        raise ChemFLError(f"recipe {args.recipe} does not exist")
+    if not (args.app / "pyproject.toml").is_file():
+        raise ChemFLError(f"{args.app} is not a Flower App folder (no pyproject.toml); pass --app")
+    return simulate(args.recipe, args.app, Path.cwd(), args.supernodes, args.cpus_per_client).returncode
+
+
+def register_eval(verbs: argparse._SubParsersAction) -> None:
+    evaluate = verbs.add_parser(
+        "eval", help="evaluate a saved adapter (loaded with plain peft) on a build's test set",
+    )
+    evaluate.add_argument("adapter", type=Path, help="e.g. outputs/laptop/adapter")
+    evaluate.add_argument("--run-config", metavar="TOML", help="the recipe the adapter was trained with")
+    evaluate.set_defaults(handler=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from chemfl.data_prep.cli import load_run_config
+    from chemfl.llm.reload import evaluate_saved_adapter
+
+    result = evaluate_saved_adapter(args.adapter, resolve(load_run_config(args.run_config)))
+    print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
 
 
 if __name__ == "__main__":

