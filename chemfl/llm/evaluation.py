@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import torch
 
 from chemfl.config import Scalar
-from chemfl.data_prep.formatting import IGNORE_INDEX, render_prompt, tokenize_examples
+from chemfl.data_prep.formatting import render_prompt, tokenize_examples
 from chemfl.data_prep.metrics import score
-from chemfl.llm.training import collate
+from chemfl.llm.training import answer_token_loss, collate
 
 
 @dataclass(frozen=True)
@@ -49,13 +49,9 @@ def answer_loss(model, tokenizer, records: Sequence[dict], max_length: int, batc
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], tokenizer.pad_token_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        targets = batch["labels"][:, 1:]
-        losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.size(-1)), targets.reshape(-1),
-            ignore_index=IGNORE_INDEX, reduction="sum")
-        total += losses.item()
-        count += int((targets != IGNORE_INDEX).sum())
+        loss_sum, tokens = answer_token_loss(model, batch)
+        total += loss_sum.item()
+        count += tokens
     return total / max(count, 1)
 
 

@@ -112,3 +112,17 @@ def test_four_bit_qlora_path_trains_on_cpu(tiny_config):
     result = train_local(model, examples, TrainSpec.from_config(config), tokenizer.pad_token_id, 0, Accelerator(cpu=True))
     assert result.steps == 2
     assert any(not torch.equal(p, lora_before[n]) for n, p in model.named_parameters() if n in lora_before)
+
+
+def test_answer_token_loss_equals_the_models_own_loss(tiny_config):
+    from chemfl.llm.training import answer_token_loss
+
+    session = get_session(tiny_config())
+    examples, _ = tokenize_examples(session.tokenizer, RECORDS, 96)
+    batch = collate(examples, session.tokenizer.pad_token_id)
+    session.model.eval()
+    with torch.no_grad():
+        loss_sum, count = answer_token_loss(session.model, batch)
+        expected = session.model(**batch).loss
+    assert count == sum(label != -100 for e in examples for label in e["labels"][1:])
+    assert (loss_sum / count).item() == pytest.approx(expected.item(), rel=1e-5)
