@@ -24,17 +24,17 @@ from chemfl.data_prep.formatting import tokenize_examples
 from chemfl.data_prep.shards import load_shard
 from chemfl.llm.lora import exchanged_state, load_exchanged_state
 from chemfl.llm.session import get_session
-from chemfl.llm.training import TrainSpec, batch_stream, collate, train_local
+from chemfl.llm.training import TrainSpec, collate, example_stream, train_local
 
 
 def plain_peft_loop(model, examples, spec: TrainSpec, pad_id: int, seed: int) -> tuple[int, float]:
     """The loop a peft tutorial writes: AdamW, forward with labels, backward, step."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr)
-    stream = batch_stream(len(examples), spec.batch_size, seed)
+    stream = example_stream(examples, seed)
     model.train()
     tokens, started = 0, time.perf_counter()
     for _ in range(spec.local_steps):
-        batch = collate([examples[i] for i in next(stream)], pad_id)
+        batch = collate([next(stream) for _ in range(spec.batch_size)], pad_id)
         loss = model(**batch).loss
         loss.backward()
         optimizer.step()

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from logging import WARNING
 from functools import lru_cache
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 
 from chemfl.config import resolve
-from chemfl.data_prep.formatting import tokenize_examples
+from chemfl.data_prep.formatting import LazyExamples
 from chemfl.data_prep.shards import Shard, load_shard, shard_dir_for
 from chemfl.errors import ChemFLError
 from chemfl.llm.evaluation import EvalSpec, evaluate
@@ -33,15 +35,15 @@ def _node_shard(config: dict, context: Context) -> Shard:
     return _shard(str(shard_dir_for(str(config["data.path"]), dict(context.node_config))))
 
 
-_EXAMPLES: dict[tuple, list[dict]] = {}
+_EXAMPLES: dict[tuple, LazyExamples] = {}
 
 
-def _training_examples(session, shard: Shard, max_length: int, system_prompt: str) -> list[dict]:
-    """Tokenized once per process and shard, then reused every round."""
+def _training_examples(session, shard: Shard, max_length: int, system_prompt: str) -> LazyExamples:
+    """Tokenized on first use and kept for the process's later rounds (simulation actors persist)."""
     key = (shard.build_id, shard.facility, max_length, system_prompt, id(session.tokenizer))
     if key not in _EXAMPLES:
         _EXAMPLES.clear()
-        _EXAMPLES[key], _ = tokenize_examples(session.tokenizer, shard.train, max_length, system_prompt)
+        _EXAMPLES[key] = LazyExamples(session.tokenizer, shard.train, max_length, system_prompt)
     return _EXAMPLES[key]
 
 
@@ -65,6 +67,9 @@ def train(msg: Message, context: Context) -> Message:
     # A different batch order every round and facility, reproducible from the seeds.
     seed = spec.seed * 1_000_003 + server_round * 1_009 + shard.partition_id
     result = train_local(session.model, examples, spec, session.tokenizer.pad_token_id, seed, session.accelerator)
+    if examples.report.truncated or examples.report.dropped:  # stays on the node: its own log
+        log(WARNING, "%s: %d examples truncated, %d dropped at train.max-length = %d so far",
+            shard.facility, examples.report.truncated, examples.report.dropped, spec.max_length)
     metrics = MetricRecord({
         "num-examples": len(examples),
         "train-loss": result.loss,

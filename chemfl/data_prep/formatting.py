@@ -54,30 +54,58 @@ class FormattingReport:
                 "answer_tokens": self.answer_tokens}
 
 
+def tokenize_record(tokenizer, record: dict, max_length: int, system_prompt: str | None = None
+                    ) -> tuple[dict[str, list[int]] | None, bool]:
+    """(example, truncated): input_ids / labels / attention_mask, or None when the prompt alone
+    fills `max_length` (no answer token would be left)."""
+    if max_length < 2:
+        raise ValueError(f"max_length = {max_length} leaves no room for an answer")
+    prompt, answer = render_answer(tokenizer, record["input"], record["output"], system_prompt)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    if len(prompt_ids) >= max_length:
+        return None, False
+    input_ids = (prompt_ids + answer_ids)[:max_length]
+    labels = [IGNORE_INDEX] * len(prompt_ids) + input_ids[len(prompt_ids):]
+    example = {"input_ids": input_ids, "labels": labels, "attention_mask": [1] * len(input_ids)}
+    return example, len(input_ids) < len(prompt_ids) + len(answer_ids)
+
+
+class LazyExamples(Sequence):
+    """Records tokenized on first use, each once. A round trains on a few dozen of a shard's
+    thousands of records, and a deployed ClientApp starts fresh for every message: tokenizing the
+    whole shard up front would cost more than the round's training. Item i is None when record i
+    is dropped; `report` counts what has been tokenized so far."""
+
+    def __init__(self, tokenizer, records: Sequence[dict], max_length: int, system_prompt: str | None = None):
+        self.tokenizer, self.records, self.max_length, self.system_prompt = tokenizer, records, max_length, system_prompt
+        self.report = FormattingReport()
+        self._cache: dict[int, dict[str, list[int]] | None] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]] | None:
+        if index not in self._cache:
+            example, truncated = tokenize_record(self.tokenizer, self.records[index], self.max_length, self.system_prompt)
+            self._cache[index] = example
+            if example is None:
+                self.report.dropped += 1
+                self.report.dropped_indices.append(index)
+            else:
+                self.report.examples += 1
+                self.report.truncated += truncated
+                self.report.answer_tokens += sum(label != IGNORE_INDEX for label in example["labels"])
+        return self._cache[index]
+
+
 def tokenize_examples(
     tokenizer,
     records: Sequence[dict],
     max_length: int,
     system_prompt: str | None = None,
 ) -> tuple[list[dict[str, list[int]]], FormattingReport]:
-    """input_ids / labels / attention_mask per record, and the truncation report."""
-    if max_length < 2:
-        raise ValueError(f"max_length = {max_length} leaves no room for an answer")
-    report = FormattingReport()
-    examples = []
-    for index, record in enumerate(records):
-        prompt, answer = render_answer(tokenizer, record["input"], record["output"], system_prompt)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-        if len(prompt_ids) >= max_length:
-            report.dropped += 1
-            report.dropped_indices.append(index)
-            continue
-        input_ids = (prompt_ids + answer_ids)[:max_length]
-        if len(input_ids) < len(prompt_ids) + len(answer_ids):
-            report.truncated += 1
-        labels = [IGNORE_INDEX] * len(prompt_ids) + input_ids[len(prompt_ids):]
-        report.examples += 1
-        report.answer_tokens += len(input_ids) - len(prompt_ids)
-        examples.append({"input_ids": input_ids, "labels": labels, "attention_mask": [1] * len(input_ids)})
-    return examples, report
+    """input_ids / labels / attention_mask per kept record, and the truncation report."""
+    lazy = LazyExamples(tokenizer, records, max_length, system_prompt)
+    examples = [example for example in (lazy[i] for i in range(len(lazy))) if example is not None]
+    return examples, lazy.report

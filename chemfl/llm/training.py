@@ -90,14 +90,20 @@ def answer_token_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     return torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum())
 
 
-def batch_stream(n_examples: int, batch_size: int, seed: int) -> Iterator[list[int]]:
-    """Endless batches of example indices: a seeded shuffle per pass over the data."""
+def example_stream(examples: Sequence[dict | None], seed: int) -> Iterator[dict]:
+    """Endless examples in a seeded shuffle per pass; dropped ones (None) are skipped."""
     rng = random.Random(seed)
     while True:
-        order = list(range(n_examples))
+        order = list(range(len(examples)))
         rng.shuffle(order)
-        for start in range(0, n_examples, batch_size):
-            yield order[start:start + batch_size]
+        usable = 0
+        for index in order:
+            example = examples[index]
+            if example is not None:
+                usable += 1
+                yield example
+        if usable == 0:
+            raise ChemFLError("every training example is longer than train.max-length; raise it")
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
@@ -113,23 +119,24 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
     return factor
 
 
-def train_local(model, examples: Sequence[dict], spec: TrainSpec, pad_id: int, seed: int, accelerator) -> TrainResult:
+def train_local(model, examples: Sequence[dict | None], spec: TrainSpec, pad_id: int, seed: int, accelerator) -> TrainResult:
     """`spec.local_steps` optimizer steps of AdamW over the trainable (LoRA) parameters."""
-    if not examples:
-        raise ChemFLError("no training examples left after formatting; raise train.max-length")
+    if not len(examples):
+        raise ChemFLError("this node has no training examples")
     device = next(model.parameters()).device
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(spec.lr_schedule, spec.warmup_steps, spec.local_steps))
-    stream = batch_stream(len(examples), spec.batch_size, seed)
+    stream = example_stream(examples, seed)
     model.train()
     losses, tokens = [], 0
     started = time.perf_counter()
     for _ in range(spec.local_steps):
         step_loss = 0.0
         for _ in range(spec.grad_accum):
-            batch = {k: v.to(device) for k, v in collate([examples[i] for i in next(stream)], pad_id).items()}
+            picked = [next(stream) for _ in range(spec.batch_size)]
+            batch = {k: v.to(device) for k, v in collate(picked, pad_id).items()}
             with accelerator.autocast():
                 loss_sum, count = answer_token_loss(model, batch)
                 loss = loss_sum / max(count, 1) / spec.grad_accum

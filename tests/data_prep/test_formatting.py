@@ -40,3 +40,32 @@ def test_truncation_is_counted_and_prompt_only_examples_are_dropped():
     assert report.dropped == 1 and report.dropped_indices == [0]
     assert report.examples == len(examples) == 1
     assert all(len(e["input_ids"]) <= n_prompt for e in examples)
+
+
+def test_lazy_examples_tokenize_on_first_use_and_match_the_eager_path():
+    from chemfl.data_prep.formatting import LazyExamples
+
+    tokenizer = tiny_tokenizer()
+    records = [RECORD, {**RECORD, "output": "<MOLFORMULA> CH4 </MOLFORMULA>"}, {**RECORD, "input": "x " * 300}]
+    lazy = LazyExamples(tokenizer, records, max_length=64)
+    assert lazy.report.examples == 0  # nothing tokenized yet
+    assert lazy[1] == tokenize_examples(tokenizer, [records[1]], 64)[0][0]
+    assert lazy.report.examples == 1
+    assert lazy[2] is None and lazy.report.dropped == 1 and lazy.report.dropped_indices == [2]
+    lazy[1]
+    assert lazy.report.examples == 1  # cached, counted once
+    eager, report = tokenize_examples(tokenizer, records, 64)
+    assert eager == [lazy[0], lazy[1]] and report.dropped == 1
+
+
+def test_example_stream_skips_dropped_examples_and_fails_when_none_is_usable():
+    import pytest
+
+    from chemfl.errors import ChemFLError
+    from chemfl.llm.training import example_stream
+
+    stream = example_stream([None, {"id": 1}, None, {"id": 2}], seed=0)
+    drawn = [next(stream)["id"] for _ in range(6)]
+    assert sorted(drawn[:2]) == [1, 2] and sorted(drawn[2:4]) == [1, 2]
+    with pytest.raises(ChemFLError, match="train.max-length"):
+        next(example_stream([None, None], seed=0))
