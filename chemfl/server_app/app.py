@@ -19,6 +19,7 @@ from chemfl.llm.lora import exchanged_state, frozen_a_digest
 from chemfl.llm.model import LoraSpec, ModelSpec
 from chemfl.llm.session import get_session
 from chemfl.llm.training import TrainSpec
+from chemfl.server_app.grid import PromptGrid
 from chemfl.server_app.evaluation import CentralEvaluator, before_after_table
 from chemfl.server_app.outputs import RunOutputs
 from chemfl.server_app.strategies import make_strategy
@@ -53,7 +54,7 @@ def main(grid: Grid, context: Context) -> None:
         len(test_records), initial.count_bytes() / 1e6)
     started = time.perf_counter()
     strategy.start(
-        grid=grid, initial_arrays=initial, num_rounds=num_rounds,
+        grid=PromptGrid(grid), initial_arrays=initial, num_rounds=num_rounds,
         timeout=float(config["strategy.round-timeout"]), train_config=train_config,
         evaluate_fn=evaluator,
     )
