@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from logging import INFO
 from collections.abc import Callable, Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -26,12 +28,15 @@ class ObservedFedAvg(FedAvg):
         self._listener = listener
         self._sent_bytes = 0
         self._round_started = 0.0
+        self._facility_of: dict[int, str] = {}  # learnt from replies: node ids are all the server sees
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._round_started = time.perf_counter()
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._sent_bytes = sum(message.content["arrays"].count_bytes() for message in messages)
+        names = [self._facility_of.get(m.metadata.dst_node_id, f"node {m.metadata.dst_node_id}") for m in messages]
+        log(INFO, "round %d: training on %s", server_round, ", ".join(sorted(names)))
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -39,12 +44,13 @@ class ObservedFedAvg(FedAvg):
         replies = list(replies)
         arrays, metrics = super().aggregate_train(server_round, replies)
         ok = [reply for reply in replies if not reply.has_error()]
+        self._facility_of.update({r.metadata.src_node_id: str(r.content["node"]["facility"]) for r in ok})
         self._listener(server_round, {
             # Dispatch to aggregated; with `node_train_seconds` (the nodes' own training time,
             # summed) it shows how much of a round goes to anything but training.
             "round_seconds": time.perf_counter() - self._round_started,
             "node_train_seconds": sum(float(r.content["metrics"]["seconds"]) for r in ok),
-            "facilities": sorted(str(r.content["node"]["facility"]) for r in ok if "node" in r.content),
+            "facilities": sorted(self._facility_of[r.metadata.src_node_id] for r in ok),
             "failed_replies": len(replies) - len(ok),
             "bytes_sent": self._sent_bytes,
             "bytes_received": sum(r.content["arrays"].count_bytes() for r in ok),
