@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from logging import WARNING
 from functools import lru_cache
+from logging import WARNING
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -14,6 +14,7 @@ from flwr.common.logger import log
 from chemfl.config import resolve
 from chemfl.data_prep.formatting import LazyExamples
 from chemfl.data_prep.shards import Shard, load_shard, shard_dir_for
+from chemfl.emulation import emulate_slowdown
 from chemfl.errors import ChemFLError
 from chemfl.llm.evaluation import EvalSpec, evaluate
 from chemfl.llm.lora import exchanged_state, frozen_a_digest, load_exchanged_state
@@ -63,10 +64,13 @@ def train(msg: Message, context: Context) -> Message:
     shard = _node_shard(config, context)
     _receive_adapter(session, msg)
     examples = _training_examples(session, shard, spec.max_length, str(config["model.system-prompt"]))
-    server_round = int(msg.content["config"].get("server-round", 0))
-    # A different batch order every round and facility, reproducible from the seeds.
-    seed = spec.seed * 1_000_003 + server_round * 1_009 + shard.partition_id
+    sent = msg.content["config"]
+    # A different batch order for every task (round, or asynchronous dispatch) and facility,
+    # reproducible from the seeds.
+    task = int(sent.get("task-id", sent.get("server-round", 0)))
+    seed = spec.seed * 1_000_003 + task * 1_009 + shard.partition_id
     result = train_local(session.model, examples, spec, session.tokenizer.pad_token_id, seed, session.accelerator)
+    emulate_slowdown(str(config["emulation.slowdown"]), shard.facility, result.seconds)
     if examples.report.truncated or examples.report.dropped:  # stays on the node: its own log
         log(WARNING, "%s: %d examples truncated, %d dropped at train.max-length = %d so far",
             shard.facility, examples.report.truncated, examples.report.dropped, spec.max_length)

@@ -1,5 +1,6 @@
 """Flower glue for the ServerApp: check the config, make sure the data exists, run the strategy
-with centralized evaluation, write outputs/<run-name>/."""
+(synchronous FedAvg rounds, or the asynchronous loop) with centralized evaluation, write
+outputs/<run-name>/."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import time
 from logging import INFO
 from pathlib import Path
 
+import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
@@ -14,17 +17,32 @@ from flwr.serverapp import Grid, ServerApp
 from chemfl.config import resolve
 from chemfl.data_prep import io
 from chemfl.data_prep.build import BuildSpec, build_dataset
+from chemfl.emulation import parse_slowdown
+from chemfl.errors import ChemFLError
 from chemfl.llm.evaluation import EvalSpec
 from chemfl.llm.lora import exchanged_state, frozen_a_digest
 from chemfl.llm.model import LoraSpec, ModelSpec
 from chemfl.llm.session import get_session
 from chemfl.llm.training import TrainSpec
-from chemfl.server_app.grid import PromptGrid
+from chemfl.server_app.async_loop import AsyncRun, AsyncSpec, StopRule, check_async_spec
+from chemfl.server_app.checkpoint import AsyncState, Checkpointer
 from chemfl.server_app.evaluation import CentralEvaluator, before_after_table
+from chemfl.server_app.grid import PromptGrid
 from chemfl.server_app.outputs import RunOutputs
-from chemfl.server_app.strategies import make_strategy
+from chemfl.server_app.strategies import ASYNCHRONOUS, make_async_strategy, make_strategy
 
 app = ServerApp()
+
+
+def async_settings(config: dict) -> tuple[AsyncSpec, StopRule]:
+    spec = AsyncSpec(
+        concurrency=int(config["strategy.concurrency"]), message_ttl=float(config["strategy.message-ttl"]),
+        max_update_norm=float(config["strategy.max-update-norm"]), eval_every=int(config["eval.every"]),
+    )
+    stop = StopRule(int(config["strategy.num-versions"]), float(config["strategy.max-seconds"]),
+                    float(config["strategy.target-loss"]))
+    check_async_spec(spec, stop)
+    return spec, stop
 
 
 @app.main()
@@ -35,30 +53,54 @@ def main(grid: Grid, context: Context) -> None:
     for spec_type in (ModelSpec, LoraSpec, TrainSpec):
         spec_type.from_config(config)
     eval_spec = EvalSpec.from_config(config)
+    parse_slowdown(str(config["emulation.slowdown"]))
+    asynchronous = config["strategy.name"] in ASYNCHRONOUS
     rounds: dict[int, dict] = {}
-    strategy = make_strategy(config, lambda server_round, info: rounds.__setitem__(server_round, info))
+    if asynchronous:
+        strategy = make_async_strategy(config)
+        async_spec, stop = async_settings(config)
+    else:
+        strategy = make_strategy(config, lambda server_round, info: rounds.__setitem__(server_round, info))
+    resume = str(config["resume"])
+    if resume and not asynchronous:
+        raise ChemFLError("resume is for asynchronous runs (strategy.name = fedbuff or fedasync)")
 
     data_path = Path(str(config["data.path"]))
     built = build_dataset(build_spec, data_path)
     log(INFO, "data: %s build %s (%s)", data_path, built.manifest["build_id"], "reused" if built.reused else "built")
     test_records = io.read_records(data_path / "test.parquet")
 
-    outputs = RunOutputs(Path(str(config["outputs.dir"])), str(config["run-name"]))
+    outputs = RunOutputs(Path(str(config["outputs.dir"])), str(config["run-name"]), resume=Path(resume) if resume else None)
     outputs.write_json("config.json", config)
     session = get_session(config)
-    initial = ArrayRecord(exchanged_state(session.model, session.lora_spec))
-    train_config = ConfigRecord({"lora-a-digest": frozen_a_digest(session.model)} if session.lora_spec.freeze_a else {})
-    num_rounds = int(config["strategy.num-rounds"])
-    evaluator = CentralEvaluator(session, test_records, eval_spec, config, outputs, num_rounds, rounds)
-    log(INFO, "ChemFL: %s, %d rounds, %d test records, adapter %.2f MB", config["strategy.name"], num_rounds,
-        len(test_records), initial.count_bytes() / 1e6)
+    initial = exchanged_state(session.model, session.lora_spec)
+    train_config = {"lora-a-digest": frozen_a_digest(session.model)} if session.lora_spec.freeze_a else {}
+    evaluator = CentralEvaluator(session, test_records, eval_spec, config, outputs,
+                                 int(config["strategy.num-rounds"]), rounds)
+    log(INFO, "ChemFL: %s, %d test records, adapter %.2f MB", config["strategy.name"], len(test_records),
+        ArrayRecord(initial).count_bytes() / 1e6)
     started = time.perf_counter()
-    strategy.start(
-        grid=PromptGrid(grid), initial_arrays=initial, num_rounds=num_rounds,
-        timeout=float(config["strategy.round-timeout"]), train_config=train_config,
-        evaluate_fn=evaluator,
-    )
+    if asynchronous:
+        checkpointer = Checkpointer(outputs.dir / "checkpoint")
+        if resume:
+            state = checkpointer.load(strategy)
+            if {k: v.shape for k, v in state.params.items()} != {k: tuple(v.shape) for k, v in initial.items()}:
+                raise ChemFLError(f"the checkpoint in {resume} does not fit this model and LoRA configuration")
+            log(INFO, "resuming %s at version %d", resume, state.version)
+        else:
+            state = AsyncState(params={k: v.numpy() for k, v in initial.items()})
+
+        def evaluate(version: int, params: dict) -> float:
+            return evaluator.evaluate_state("version", version, {k: torch.from_numpy(np.asarray(v)) for k, v in params.items()})["loss"]
+
+        AsyncRun(grid, strategy, state, async_spec, stop, evaluate, outputs.append_metrics, checkpointer,
+                 train_config).run()
+    else:
+        strategy.start(
+            grid=PromptGrid(grid), initial_arrays=ArrayRecord(initial), num_rounds=int(config["strategy.num-rounds"]),
+            timeout=float(config["strategy.round-timeout"]), train_config=ConfigRecord(train_config),
+            evaluate_fn=evaluator,
+        )
     log(INFO, "ChemFL: finished in %.1f s; outputs in %s", time.perf_counter() - started, outputs.dir)
     for line in before_after_table(evaluator.history).splitlines():
         log(INFO, "%s", line)
-

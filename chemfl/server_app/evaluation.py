@@ -17,11 +17,13 @@ from chemfl.llm.lora import load_exchanged_state
 
 
 class CentralEvaluator:
-    """Flower's `evaluate_fn`: called with round 0 (before training) and after every round.
+    """Evaluates a global adapter on the held-out test set, saves it, and keeps the history.
 
-    Evaluates at round 0, every `eval.every` rounds and at the last round; each evaluated adapter
-    is saved as outputs/<run>/adapter-round-<r> and the last also as outputs/<run>/adapter. Every
-    call appends one metrics.jsonl line (round, wall time, train loss, facilities, bytes, eval).
+    `evaluate_state` serves both run loops; called as Flower's `evaluate_fn` (FedAvg: round 0 and
+    after every round) it evaluates at round 0, every `eval.every` rounds and at the last round,
+    and appends one metrics.jsonl line per call (round, wall time, train loss, facilities, bytes,
+    eval). Each evaluated adapter is saved as outputs/<run>/adapter-<step name>-<n>, and as
+    outputs/<run>/adapter (the latest evaluated one, i.e. the final one at the end).
     """
 
     def __init__(self, session, test_records, spec: EvalSpec, config: dict, outputs, num_rounds: int,
@@ -35,23 +37,25 @@ class CentralEvaluator:
         self.history: list[dict] = []
         self.started = time.perf_counter()
 
+    def evaluate_state(self, step_name: str, step: int, state: dict) -> dict:
+        load_exchanged_state(self.session.model, self.session.lora_spec, state)
+        started = time.perf_counter()
+        result = evaluate(self.session.model, self.session.tokenizer, self.test_records, self.spec,
+                          self.max_length, self.system_prompt)
+        result["seconds"] = time.perf_counter() - started
+        self.outputs.save_adapter(self.session.model, f"adapter-{step_name}-{step}")
+        self.outputs.save_adapter(self.session.model, "adapter")
+        self.history.append({step_name: step, "eval": result})
+        return result
+
     def due(self, server_round: int) -> bool:
         return server_round in (0, self.num_rounds) or (self.every > 0 and server_round % self.every == 0)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        line = {"round": server_round, **self.rounds.get(server_round, {})}
-        result = None
-        if self.due(server_round):
-            load_exchanged_state(self.session.model, self.session.lora_spec, arrays.to_torch_state_dict())
-            evaluated = time.perf_counter()
-            result = evaluate(self.session.model, self.session.tokenizer, self.test_records, self.spec,
-                              self.max_length, self.system_prompt)
-            result["seconds"] = time.perf_counter() - evaluated
+        line = {"event": "round", "round": server_round, **self.rounds.get(server_round, {})}
+        result = self.evaluate_state("round", server_round, arrays.to_torch_state_dict()) if self.due(server_round) else None
+        if result is not None:
             line["eval"] = result
-            self.outputs.save_adapter(self.session.model, f"adapter-round-{server_round}")
-            if server_round == self.num_rounds:
-                self.outputs.save_adapter(self.session.model, "adapter")
-            self.history.append(line)
         line["wall_time"] = time.perf_counter() - self.started
         self.outputs.append_metrics(line)
         log(INFO, "%s", progress_line(line, self.num_rounds))
@@ -81,7 +85,9 @@ def before_after_table(history: list[dict]) -> str:
     if len(history) < 2:
         return ""
     before, after = history[0]["eval"], history[-1]["eval"]
-    table = Table(title=f"Test set before (round {history[0]['round']}) and after (round {history[-1]['round']}) training")
+    step_name = next(key for key in history[0] if key != "eval")
+    table = Table(title=f"Test set before ({step_name} {history[0][step_name]}) and after "
+                        f"({step_name} {history[-1][step_name]}) training")
     for column in ("metric", "before", "after"):
         table.add_column(column, justify="left" if column == "metric" else "right")
     table.add_row("loss per answer token", f"{before['loss']:.3f}", f"{after['loss']:.3f}")

@@ -6,16 +6,21 @@ import json
 import os
 from pathlib import Path
 
+from chemfl.errors import ChemFLError
 from chemfl.llm.lora import save_adapter
 
 
 class RunOutputs:
     """The latest run of a name is always at outputs/<run-name>; an earlier run found there is
-    moved aside to outputs/<run-name>.<n> first, so nothing already written is lost."""
+    moved aside to outputs/<run-name>.<n> first, so nothing already written is lost. A resumed run
+    continues in the folder it resumes (metrics.jsonl is appended to)."""
 
-    def __init__(self, root: Path, run_name: str):
-        self.dir = Path(root) / run_name
-        if self.dir.exists() and any(self.dir.iterdir()):
+    def __init__(self, root: Path, run_name: str, resume: Path | None = None):
+        self.dir = Path(resume) if resume is not None else Path(root) / run_name
+        if resume is not None:
+            if not self.dir.is_dir():
+                raise ChemFLError(f"resume = {resume}: no such run folder")
+        elif self.dir.exists() and any(self.dir.iterdir()):
             n = 1
             while self.dir.with_name(f"{run_name}.{n}").exists():
                 n += 1

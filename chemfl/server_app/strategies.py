@@ -1,4 +1,5 @@
-"""Strategy selection. `fedavg` is Flower's own FedAvg; the asynchronous strategies plug in here."""
+"""Strategy selection from the run config: `fedavg` (Flower's own FedAvg, synchronous rounds),
+`fedbuff` and `fedasync` (asynchronous, chemfl.server_app.async_strategies)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from chemfl.errors import ChemFLError
+from chemfl.server_app.aggregation import ServerOptimizer, Staleness
+from chemfl.server_app.async_strategies import FedAsync, FedBuff
 
-STRATEGIES = ("fedavg",)
+SYNCHRONOUS = ("fedavg",)
+ASYNCHRONOUS = ("fedbuff", "fedasync")
+STRATEGIES = SYNCHRONOUS + ASYNCHRONOUS
 
 RoundListener = Callable[[int, dict], None]
 
@@ -59,10 +64,15 @@ class ObservedFedAvg(FedAvg):
         return arrays, metrics
 
 
-def make_strategy(config: dict, listener: RoundListener) -> FedAvg:
+def check_strategy_name(config: dict) -> str:
     name = str(config["strategy.name"])
     if name not in STRATEGIES:
         raise ChemFLError(f"unknown strategy.name {name!r}; use one of {', '.join(STRATEGIES)}")
+    return name
+
+
+def make_strategy(config: dict, listener: RoundListener) -> FedAvg:
+    check_strategy_name(config)
     min_nodes = int(config["strategy.min-nodes"])
     return ObservedFedAvg(
         listener,
@@ -70,3 +80,26 @@ def make_strategy(config: dict, listener: RoundListener) -> FedAvg:
         fraction_evaluate=float(config["strategy.fraction-evaluate"]),
         min_train_nodes=min_nodes, min_evaluate_nodes=min_nodes, min_available_nodes=min_nodes,
     )
+
+
+def make_async_strategy(config: dict) -> FedBuff | FedAsync:
+    """FedBuff or FedAsync from the strategy.* and lora.aggregation knobs; bad values are errors."""
+    name = check_strategy_name(config)
+    max_staleness = int(config["strategy.max-staleness"])
+    try:
+        staleness = Staleness(str(config["strategy.staleness"]), float(config["strategy.staleness-a"]),
+                              float(config["strategy.staleness-b"]))
+        cutoff = None if max_staleness < 0 else max_staleness
+        if name == "fedasync":
+            return FedAsync(alpha=float(config["strategy.fedasync-alpha"]), staleness=staleness, max_staleness=cutoff)
+        if config["lora.aggregation"] == "svd" and config["lora.freeze-a"]:
+            raise ValueError("lora.aggregation = \"svd\" needs both A and B; with lora.freeze-a the plain "
+                             "average is already exact: use lora.aggregation = \"naive\"")
+        return FedBuff(
+            buffer_size=int(config["strategy.buffer-size"]), staleness=staleness, max_staleness=cutoff,
+            optimizer=ServerOptimizer(str(config["strategy.server-optimizer"]), float(config["strategy.server-lr"]),
+                                      float(config["strategy.server-beta1"]), float(config["strategy.server-beta2"])),
+            lora_aggregation=str(config["lora.aggregation"]),
+        )
+    except ValueError as error:
+        raise ChemFLError(f"strategy {name}: {error}") from error
