@@ -69,9 +69,10 @@ def train(msg: Message, context: Context) -> Message:
     # reproducible from the seeds.
     task = int(sent.get("task-id", sent.get("server-round", 0)))
     seed = spec.seed * 1_000_003 + task * 1_009 + shard.partition_id
+    cut_before = (examples.report.truncated, examples.report.dropped)
     result = train_local(session.model, examples, spec, session.tokenizer.pad_token_id, seed, session.accelerator)
     emulate_slowdown(str(config["emulation.slowdown"]), shard.facility, result.seconds)
-    if examples.report.truncated or examples.report.dropped:  # stays on the node: its own log
+    if (examples.report.truncated, examples.report.dropped) != cut_before:  # stays on the node: its own log
         log(WARNING, "%s: %d examples truncated, %d dropped at train.max-length = %d so far",
             shard.facility, examples.report.truncated, examples.report.dropped, spec.max_length)
     metrics = MetricRecord({
