@@ -11,8 +11,8 @@ when they come back. Everything the loop decides is logged to metrics.jsonl.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
@@ -100,18 +100,22 @@ class AsyncRun:
     sent_params: dict[int, Params] = field(default_factory=dict)  # versions still referenced
     facility_of: dict[int, str] = field(default_factory=dict)
     last_loss: float | None = None
+    server_seconds: float = 0.0
+    evaluation_seconds: float = 0.0
 
     def run(self) -> Params:
         self._started = self.clock() - self.state.elapsed
         if self.state.version == 0 and not self.state.resumed:
             self._evaluate(force=True)
         while not self._should_stop():
-            self._dispatch()
+            with self._server_time():
+                self._dispatch()
             arrived = list(self.grid.pull_messages([f.message_id for f in self.in_flight.values()])) if self.in_flight else []
             for reply in arrived:
                 if self._should_stop():  # e.g. the wall-clock budget ran out while waiting
                     break
-                self._receive(reply)
+                with self._server_time():
+                    self._receive(reply)
             if not arrived:
                 self.sleep(self.spec.poll_seconds)
         if self.state.last_evaluated != self.state.version:
@@ -151,6 +155,14 @@ class AsyncRun:
             [message_id] = list(self.grid.push_messages([message]))
             self.sent_params.setdefault(self.state.version, self.state.params)
             self.in_flight[node_id] = InFlight(node_id, message_id, self.state.version, self.state.task_counter, self.clock())
+
+    @contextmanager
+    def _server_time(self):
+        """Accumulates the server's own work per update (serialising, validating, aggregating,
+        checkpointing), evaluation excluded, into `server_seconds`."""
+        started, evaluating = time.perf_counter(), self.evaluation_seconds
+        yield
+        self.server_seconds += time.perf_counter() - started - (self.evaluation_seconds - evaluating)
 
     def _lose(self, node_id: int, reason: str) -> None:
         lost = self.in_flight.pop(node_id)
@@ -213,7 +225,9 @@ class AsyncRun:
 
     def _on_new_version(self) -> None:
         line = {"event": "version", "version": self.state.version, "wall_time": self.elapsed(),
-                "counters": dict(self.state.counters), "updates_by_facility": dict(self.state.updates_by_facility)}
+                "counters": dict(self.state.counters), "updates_by_facility": dict(self.state.updates_by_facility),
+                "server_seconds": self.server_seconds, "evaluation_seconds": self.evaluation_seconds}
+        # Both taken before this version's evaluation, like wall_time.
         loss = self._evaluate(force=self.state.version >= self.stop.num_versions)
         if loss is not None:
             line["eval_loss"] = loss
@@ -227,7 +241,9 @@ class AsyncRun:
         every = self.spec.eval_every
         if not force and not (every > 0 and self.state.version % every == 0):
             return None
+        started = time.perf_counter()
         loss = self.evaluate(self.state.version, self.state.params)
+        self.evaluation_seconds += time.perf_counter() - started
         self.state.last_evaluated = self.state.version
         if loss is not None:
             self.last_loss = loss
@@ -243,4 +259,3 @@ def check_async_spec(spec: AsyncSpec, stop: StopRule) -> None:
         raise ChemFLError(f"strategy.message-ttl = {spec.message_ttl} must be > 0 seconds")
 
 
-__all__ = ["AsyncRun", "AsyncSpec", "StopRule", "validate_update", "check_async_spec", "Counter"]

@@ -33,12 +33,14 @@ class ObservedFedAvg(FedAvg):
         self._listener = listener
         self._sent_bytes = 0
         self._round_started = 0.0
+        self._server_seconds = 0.0
         self._facility_of: dict[int, str] = {}  # learnt from replies: node ids are all the server sees
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._round_started = time.perf_counter()
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._server_seconds = time.perf_counter() - self._round_started
         self._sent_bytes = sum(message.content["arrays"].count_bytes() for message in messages)
         names = [self._facility_of.get(m.metadata.dst_node_id, f"node {m.metadata.dst_node_id}") for m in messages]
         log(INFO, "round %d: training on %s", server_round, ", ".join(sorted(names)))
@@ -47,7 +49,9 @@ class ObservedFedAvg(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
+        aggregating = time.perf_counter()
         arrays, metrics = super().aggregate_train(server_round, replies)
+        self._server_seconds += time.perf_counter() - aggregating
         ok = [reply for reply in replies if not reply.has_error()]
         self._facility_of.update({r.metadata.src_node_id: str(r.content["node"]["facility"]) for r in ok})
         self._listener(server_round, {
@@ -55,6 +59,7 @@ class ObservedFedAvg(FedAvg):
             # summed) it shows how much of a round goes to anything but training.
             "round_seconds": time.perf_counter() - self._round_started,
             "node_train_seconds": sum(float(r.content["metrics"]["seconds"]) for r in ok),
+            "server_seconds": self._server_seconds,  # configuring messages + aggregating
             "facilities": sorted(self._facility_of[r.metadata.src_node_id] for r in ok),
             "failed_replies": len(replies) - len(ok),
             "bytes_sent": self._sent_bytes,

@@ -1,0 +1,104 @@
+"""fedavg vs fedasync vs fedbuff on the laptop recipe with one facility made 4x slower.
+
+    python bench/strategies.py [--run-config recipes/laptop.toml] [--slow perlmutter=4] [--target-loss 1.0]
+
+Each strategy runs through `chemfl simulate` with the same client budget (3 rounds x 4 facilities
+= 12 client updates), evaluation loss-only after every round / version (its time is subtracted
+from the wall clock), and the slow facility sleeping 3x its training time after each task.
+Reported, as ratios to fedavg in one run: wall-clock seconds to the target test loss, client
+updates to the target, and the server's own time per update (serialising, aggregating,
+checkpointing; evaluation excluded) as a share of local training time (target <= 2%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import tomli_w
+from flwr.common.config import parse_config_args
+from rich.console import Console
+from rich.table import Table
+
+from chemfl.config import resolve
+from chemfl.simulation import simulate
+
+PROJECT = Path(__file__).resolve().parents[1]
+STRATEGIES = {
+    "fedavg": {"strategy.name": "fedavg", "strategy.num-rounds": 3},
+    "fedasync": {"strategy.name": "fedasync", "strategy.num-versions": 12},
+    "fedbuff": {"strategy.name": "fedbuff", "strategy.num-versions": 4, "strategy.buffer-size": 3},
+}
+
+
+def run(name: str, base: dict, overrides: dict) -> list[dict]:
+    config = {**base, **overrides, "run-name": f"bench-{name}", "eval.every": 1, "eval.generate-per-task": 0}
+    with tempfile.TemporaryDirectory() as scratch:
+        recipe = Path(scratch) / "recipe.toml"
+        recipe.write_text(tomli_w.dumps(config))
+        completed = simulate(recipe, PROJECT, PROJECT, capture=True)
+    if completed.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}")
+    run_dir = PROJECT / str(resolve(config)["outputs.dir"]) / f"bench-{name}"
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def summarise(lines: list[dict], target: float) -> dict:
+    """Seconds (evaluation time excluded) and client updates until the test loss <= target."""
+    updates, train_seconds, evaluation, reached = 0, 0.0, 0.0, None
+    for line in lines:
+        if line["event"] == "update" and line["accepted"]:
+            updates += 1
+            train_seconds += line["train_seconds"]
+        if line["event"] == "round":
+            updates += len(line.get("facilities", []))
+            train_seconds += line.get("node_train_seconds", 0.0)
+            evaluation += line.get("eval", {}).get("seconds", 0.0)
+            loss = line.get("eval", {}).get("loss")
+            server = line.get("server_seconds", 0.0)
+        elif line["event"] == "version":
+            evaluation = line["evaluation_seconds"]
+            loss = line.get("eval_loss")
+            server = line["server_seconds"]
+        else:
+            continue
+        if loss is not None and loss <= target and reached is None:
+            reached = {"seconds": line["wall_time"] - evaluation, "updates": updates}
+    final = [line for line in lines if line["event"] in ("round", "version")][-1]
+    final_loss = final.get("eval", {}).get("loss", final.get("eval_loss"))
+    server_total = sum(line.get("server_seconds", 0.0) for line in lines if line["event"] == "round") \
+        if lines[-1]["event"] == "round" else final["server_seconds"]
+    return {"reached": reached, "final_loss": final_loss, "updates": updates,
+            "server_share": server_total / train_seconds if train_seconds else float("nan"),
+            "server_per_update": server_total / max(updates, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-config", default="recipes/laptop.toml")
+    parser.add_argument("--slow", default="perlmutter=4")
+    parser.add_argument("--target-loss", type=float, default=1.0)
+    args = parser.parse_args()
+    base = {**parse_config_args([args.run_config]), "emulation.slowdown": args.slow, "eval.loss-per-task": 8}
+    results = {name: summarise(run(name, base, overrides), args.target_loss) for name, overrides in STRATEGIES.items()}
+    table = Table(title=f"Strategies on {args.run_config}, {args.slow} slower, target test loss {args.target_loss}")
+    for column in ("strategy", "s to target", "x fedavg", "updates to target", "x fedavg", "final loss",
+                   "server s / update", "server / training"):
+        table.add_column(column, justify="right" if column != "strategy" else "left")
+    reference = results["fedavg"]["reached"]
+    for name, result in results.items():
+        reached = result["reached"]
+        if reached is None:
+            cells = ["not reached", "", "", ""]
+        else:
+            cells = [f"{reached['seconds']:.0f}", f"{reached['seconds'] / reference['seconds']:.2f}" if reference else "",
+                     str(reached["updates"]), f"{reached['updates'] / reference['updates']:.2f}" if reference else ""]
+        table.add_row(name, *cells, f"{result['final_loss']:.3f}", f"{result['server_per_update']:.3f}",
+                      f"{result['server_share']:.2%}")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
