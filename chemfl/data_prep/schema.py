@@ -58,3 +58,24 @@ def tagged(core: str, left: str | None, right: str | None) -> str:
     if not left:
         return core
     return f"{left} {core} {right}"
+
+
+def make_record(
+    input_template: str, output_template: str, raw_input: str, raw_output: str, task: str,
+    input_tag: tuple[str | None, str | None], output_tag: tuple[str | None, str | None],
+    split: str | None = None, target: str | None = None,
+) -> dict[str, str | None]:
+    """A SMolInstruct record: the tagged cores put where the templates say <INPUT> and <OUTPUT>."""
+    return {
+        "input": input_template.replace("<INPUT>", tagged(raw_input, *input_tag)),
+        "output": output_template.replace("<OUTPUT>", tagged(raw_output, *output_tag)),
+        "raw_input": raw_input,
+        "raw_output": raw_output,
+        "split": split,
+        "task": task,
+        "input_core_tag_left": input_tag[0],
+        "input_core_tag_right": input_tag[1],
+        "output_core_tag_left": output_tag[0],
+        "output_core_tag_right": output_tag[1],
+        "target": target,
+    }

@@ -10,7 +10,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from chemfl.data_prep.schema import tagged
+from chemfl.data_prep.schema import make_record
 
 
 @dataclass(frozen=True)
@@ -35,19 +35,8 @@ class OfflineTask:
     def record(self, molecule: Molecule, rng: random.Random) -> dict[str, str | None]:
         raw_input, raw_output = self.core_pair(molecule)
         input_template, output_template = self.templates[rng.randrange(len(self.templates))]
-        return {
-            "input": input_template.replace("<INPUT>", tagged(raw_input, *self.input_tag)),
-            "output": output_template.replace("<OUTPUT>", tagged(raw_output, *self.output_tag)),
-            "raw_input": raw_input,
-            "raw_output": raw_output,
-            "split": None,
-            "task": self.name,
-            "input_core_tag_left": self.input_tag[0],
-            "input_core_tag_right": self.input_tag[1],
-            "output_core_tag_left": self.output_tag[0],
-            "output_core_tag_right": self.output_tag[1],
-            "target": None,
-        }
+        return make_record(input_template, output_template, raw_input, raw_output, self.name,
+                           self.input_tag, self.output_tag)
 
 
 SMILES_TAG = ("<SMILES>", "</SMILES>")

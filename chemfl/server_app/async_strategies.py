@@ -48,6 +48,13 @@ class Verdict:
     reason: str = ""
 
 
+def admit(version: int, update: Update, staleness: Staleness, max_staleness: int | None) -> Verdict:
+    """The update's staleness and weight; refused ("stale") past the cutoff."""
+    tau = version - update.version_sent
+    weight = staleness_weight(tau, staleness, max_staleness)
+    return Verdict(tau, weight, weight > 0.0, "" if weight > 0.0 else "stale")
+
+
 @dataclass
 class FedBuff:
     """FedBuff (Nguyen et al., AISTATS 2022): buffered asynchronous aggregation.
@@ -82,19 +89,18 @@ class FedBuff:
 
     def submit(self, current: Params, version: int, sent: Params, update: Update
                ) -> tuple[Verdict, dict[str, np.ndarray] | None]:
-        tau = version - update.version_sent
-        weight = staleness_weight(tau, self.staleness, self.max_staleness)
-        if weight == 0.0:
-            return Verdict(tau, 0.0, False, "stale"), None
-        self.buffer.append((delta(self._space(sent), self._space(update.params)), weight))
+        verdict = admit(version, update, self.staleness, self.max_staleness)
+        if not verdict.accepted:
+            return verdict, None
+        self.buffer.append((delta(self._space(sent), self._space(update.params)), verdict.weight))
         if len(self.buffer) < self.buffer_size:
-            return Verdict(tau, weight, True), None
+            return verdict, None
         taken, self.buffer = self.buffer[: self.buffer_size], self.buffer[self.buffer_size:]
         mean = weighted_mean_of_deltas([d for d, _ in taken], [w for _, w in taken], self.buffer_size)
         moved = self.optimizer.apply(self._space(current), mean, self.optimizer_state)
         if self.lora_aggregation == "svd":
             moved = svd_aggregate(current, moved)
-        return Verdict(tau, weight, True), {k: v.astype(np.asarray(current[k]).dtype) for k, v in moved.items()}
+        return verdict, {k: v.astype(np.asarray(current[k]).dtype) for k, v in moved.items()}
 
 
 @dataclass
@@ -113,8 +119,7 @@ class FedAsync:
 
     def submit(self, current: Params, version: int, sent: Mapping, update: Update
                ) -> tuple[Verdict, dict[str, np.ndarray] | None]:
-        tau = version - update.version_sent
-        weight = staleness_weight(tau, self.staleness, self.max_staleness)
-        if weight == 0.0:
-            return Verdict(tau, 0.0, False, "stale"), None
-        return Verdict(tau, weight, True), fedasync_mix(current, update.params, self.alpha * weight)
+        verdict = admit(version, update, self.staleness, self.max_staleness)
+        if not verdict.accepted:
+            return verdict, None
+        return verdict, fedasync_mix(current, update.params, self.alpha * verdict.weight)

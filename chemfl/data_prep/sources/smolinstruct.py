@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from chemfl.data_prep.schema import tagged
+from chemfl.data_prep.schema import make_record
 from chemfl.errors import ChemFLError
 
 HUB_REPO = "osunlp/SMolInstruct"
@@ -131,21 +131,8 @@ def _task_split_records(root: Any, task: str, folder: str, split: str, cap: int)
             target = sample["target"]
             raw_output = raw_output[target]
         raw_input, raw_output = str(item["input"]), str(raw_output)
-        records.append(
-            {
-                "input": template["input"].replace("<INPUT>", tagged(raw_input, in_left, in_right)),
-                "output": template["output"].replace(
-                    "<OUTPUT>", tagged(raw_output, out_left, out_right)
-                ),
-                "raw_input": raw_input,
-                "raw_output": raw_output,
-                "split": split,
-                "task": task,
-                "input_core_tag_left": in_left,
-                "input_core_tag_right": in_right,
-                "output_core_tag_left": out_left,
-                "output_core_tag_right": out_right,
-                "target": None if target is None else str(target),
-            }
-        )
+        records.append(make_record(
+            template["input"], template["output"], raw_input, raw_output, task, (in_left, in_right),
+            (out_left, out_right), split=split, target=None if target is None else str(target),
+        ))
     return records
