@@ -3,6 +3,11 @@
 A record's identities are the molecules it is about: the InChIKey of each SMILES core and the
 normalised text of each IUPAC core. Records that share any identity (the same molecule asked as
 I2S, S2I, S2F, ...) form one group, and a group never straddles two splits.
+
+Limit: a molecule named only by IUPAC name in one record and only drawn as SMILES in another,
+with no record giving both, cannot be linked here (that needs a name-to-structure tool such as
+OPSIN). The offline source therefore splits per molecule itself; SMolInstruct ships its own
+leakage-free splits; local files without splits should include name conversions or a split.
 """
 
 from __future__ import annotations
