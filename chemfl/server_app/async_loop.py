@@ -118,6 +118,7 @@ class AsyncRun:
                     self._receive(reply)
             if not arrived:
                 self.sleep(self.spec.poll_seconds)
+        log(INFO, "stopping: %s", self._stop_reason())
         if self.state.last_evaluated != self.state.version:
             self._evaluate(force=True)
         return self.state.params
@@ -128,15 +129,16 @@ class AsyncRun:
         return self.clock() - self._started
 
     def _should_stop(self) -> bool:
+        return self._stop_reason() is not None
+
+    def _stop_reason(self) -> str | None:
         if self.state.version >= self.stop.num_versions:
-            return True
+            return f"{self.stop.num_versions} versions published"
         if self.stop.max_seconds > 0 and self.elapsed() >= self.stop.max_seconds:
-            log(INFO, "stopping: wall-clock budget of %.0f s reached", self.stop.max_seconds)
-            return True
+            return f"wall-clock budget of {self.stop.max_seconds:.0f} s reached"
         if self.stop.target_loss > 0 and self.last_loss is not None and self.last_loss <= self.stop.target_loss:
-            log(INFO, "stopping: eval loss %.4f reached the target %.4f", self.last_loss, self.stop.target_loss)
-            return True
-        return False
+            return f"test loss {self.last_loss:.4f} reached the target {self.stop.target_loss:.4f}"
+        return None
 
     # --- dispatch ------------------------------------------------------------------------------
 
