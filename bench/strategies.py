@@ -2,7 +2,9 @@
 
     python bench/strategies.py [--run-config recipes/laptop.toml] [--slow perlmutter=4] [--target-loss 1.0]
 
-Each strategy runs through `chemfl simulate` with the same client budget (3 rounds x 4 facilities
+Each strategy runs through `chemfl simulate` (4 ClientApps at once, one core each:
+with one ClientApp at a time, the slow facility's sleep would hold up every other facility
+and no strategy could use the time) with the same client budget (3 rounds x 4 facilities
 = 12 client updates), evaluation loss-only after every round / version (its time is subtracted
 from the wall clock), and the slow facility sleeping 3x its training time after each task.
 Reported, as ratios to fedavg in one run: wall-clock seconds to the target test loss, client
@@ -33,12 +35,13 @@ STRATEGIES = {
 }
 
 
-def run(name: str, base: dict, overrides: dict) -> list[dict]:
+def run(name: str, base: dict, overrides: dict, clients_at_once: int) -> list[dict]:
     config = {**base, **overrides, "run-name": f"bench-{name}", "eval.every": 1, "eval.generate-per-task": 0}
     with tempfile.TemporaryDirectory() as scratch:
         recipe = Path(scratch) / "recipe.toml"
         recipe.write_text(tomli_w.dumps(config))
-        completed = simulate(recipe, PROJECT, PROJECT, capture=True)
+        completed = simulate(recipe, PROJECT, PROJECT, cpus_per_client=1, clients_at_once=clients_at_once,
+                             capture=True)
     if completed.returncode != 0:
         raise SystemExit(f"{name} failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}")
     run_dir = PROJECT / str(resolve(config)["outputs.dir"]) / f"bench-{name}"
@@ -80,9 +83,11 @@ def main() -> None:
     parser.add_argument("--run-config", default="recipes/laptop.toml")
     parser.add_argument("--slow", default="perlmutter=4")
     parser.add_argument("--target-loss", type=float, default=1.0)
+    parser.add_argument("--clients-at-once", type=int, default=4)
     args = parser.parse_args()
     base = {**parse_config_args([args.run_config]), "emulation.slowdown": args.slow, "eval.loss-per-task": 8}
-    results = {name: summarise(run(name, base, overrides), args.target_loss) for name, overrides in STRATEGIES.items()}
+    results = {name: summarise(run(name, base, overrides, args.clients_at_once), args.target_loss)
+               for name, overrides in STRATEGIES.items()}
     table = Table(title=f"Strategies on {args.run_config}, {args.slow} slower, target test loss {args.target_loss}")
     for column in ("strategy", "s to target", "x fedavg", "updates to target", "x fedavg", "final loss",
                    "server s / update", "server / training"):

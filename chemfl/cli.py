@@ -40,6 +40,9 @@ def register_simulate(verbs: argparse._SubParsersAction) -> None:
     simulate.add_argument("--supernodes", type=int, default=None, help="default: one per facility in the recipe")
     simulate.add_argument("--cpus-per-client", type=int, default=2,
                           help="CPU cores per simulated ClientApp (default 2: one at a time on a 2-core laptop)")
+    simulate.add_argument("--clients-at-once", type=int, default=None,
+                          help="run this many ClientApps at once whatever the core count (e.g. 4 with "
+                          "--cpus-per-client 1, so an emulated slow facility does not hold up the others)")
     simulate.set_defaults(handler=run_simulate)
 
 
@@ -50,7 +53,8 @@ def run_simulate(args: argparse.Namespace) -> int:
         raise ChemFLError(f"recipe {args.recipe} does not exist")
     if not (args.app / "pyproject.toml").is_file():
         raise ChemFLError(f"{args.app} is not a Flower App folder (no pyproject.toml); pass --app")
-    return simulate(args.recipe, args.app, Path.cwd(), args.supernodes, args.cpus_per_client).returncode
+    return simulate(args.recipe, args.app, Path.cwd(), args.supernodes, args.cpus_per_client,
+                    args.clients_at_once).returncode
 
 
 def register_eval(verbs: argparse._SubParsersAction) -> None:

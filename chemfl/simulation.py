@@ -33,7 +33,7 @@ def recipe_facilities(recipe: Path) -> int:
 
 
 def simulate(recipe: Path, app_dir: Path, workdir: Path, num_supernodes: int | None = None,
-             cpus_per_client: int = 2, capture: bool = False, timeout: float | None = None
+             cpus_per_client: int = 2, clients_at_once: int | None = None, capture: bool = False, timeout: float | None = None
              ) -> subprocess.CompletedProcess:
     recipe, app_dir, workdir = Path(recipe).resolve(), Path(app_dir).resolve(), Path(workdir).resolve()
     home = workdir / ".flwr"
@@ -43,6 +43,9 @@ def simulate(recipe: Path, app_dir: Path, workdir: Path, num_supernodes: int | N
         f"options.num-supernodes = {num_supernodes or recipe_facilities(recipe)}\n"
         f"options.backend.client-resources.num-cpus = {cpus_per_client}\n"
         "options.backend.client-resources.num-gpus = 0\n"
+        # Ray runs as many ClientApps at once as its CPU count allows: by default the real cores;
+        # `clients_at_once` oversubscribes them (facilities that mostly wait, e.g. emulated ones).
+        + (f"options.backend.init-args.num-cpus = {clients_at_once * cpus_per_client}\n" if clients_at_once else "")
     )
     bin_dir = Path(sys.executable).parent
     env = {
