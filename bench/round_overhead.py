@@ -60,7 +60,7 @@ def main() -> None:
         trained = sum(line["node_train_seconds"] for line in steady)
         table.add_row("[bold]after round 1", f"{total:.1f}", f"{trained:.1f}", f"{total - trained:.1f}",
                       f"{(total - trained) / total:.1%}")
-    Console().print(table)
+    Console(width=130).print(table)
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def main() -> None:
                      str(reached["updates"]), f"{reached['updates'] / reference['updates']:.2f}" if reference else ""]
         table.add_row(name, *cells, f"{result['final_loss']:.3f}", f"{result['server_per_update']:.3f}",
                       f"{result['server_share']:.2%}")
-    Console().print(table)
+    Console(width=130).print(table)
 
 
 if __name__ == "__main__":

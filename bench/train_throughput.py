@@ -77,7 +77,7 @@ def main() -> None:
         table.add_row(name, f"{statistics.median(values):.1f}", f"{min(values):.1f}", f"{max(values):.1f}")
     ours, plain = (statistics.median(v) for v in rates.values())
     table.add_row("[bold]ratio ClientApp / plain", f"{ours / plain:.3f}", "", "")
-    Console().print(table)
+    Console(width=130).print(table)
 
 
 if __name__ == "__main__":
