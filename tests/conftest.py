@@ -171,3 +171,15 @@ def write_smolinstruct_tree(root: Path, tree: dict[str, dict] = SMOL_TREE) -> Pa
 def smolinstruct_tree(tmp_path) -> Path:
     """A folder holding a miniature SMolInstruct tree (see SMOL_TREE)."""
     return write_smolinstruct_tree(tmp_path / "SMolInstruct")
+
+
+@pytest.fixture
+def server_task_identity():
+    """Instruction messages take their sender from the process's task identity, which Flower sets
+    in a running ServerApp; tests that build them play the server."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved

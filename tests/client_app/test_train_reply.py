@@ -13,16 +13,7 @@ from chemfl.llm.session import get_session
 from tests.tiny import save_tiny_llama
 
 
-@pytest.fixture(autouse=True)
-def server_task_identity():
-    """Instruction messages take their sender from the process's task identity, which Flower sets
-    in a running ServerApp; here the test plays the server."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("server_task_identity")
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,7 @@ from chemfl.server_app.checkpoint import AsyncState, Checkpointer
 from tests.server_app.fake_grid import FakeGrid
 
 
-@pytest.fixture(autouse=True)
-def server_task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("server_task_identity")
 
 
 def initial_params():
