@@ -9,15 +9,15 @@ exactly the average of the products, and the payload halves.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
-from chemfl.llm.model import LoraSpec
+from chemfl.data_prep import io
 from chemfl.errors import ChemFLError
+from chemfl.llm.model import LoraSpec
 
 
 def attach_lora(model, spec: LoraSpec, quantized: bool):
@@ -99,14 +99,11 @@ def frozen_a_digest(peft_model) -> str:
 
 def save_adapter(peft_model, folder: Path) -> Path:
     """PEFT-format adapter at `folder` (written beside it, then renamed into place)."""
-    folder = Path(folder)
-    staging = folder.parent / f".{folder.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.parent.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(str(staging))
-    previous = folder.parent / f".{folder.name}.previous-{os.getpid()}"
-    if folder.exists():
-        os.replace(folder, previous)
-    os.replace(staging, folder)
-    shutil.rmtree(previous, ignore_errors=True)
-    return folder
+    staging = io.staging_dir(Path(folder))
+    try:
+        peft_model.save_pretrained(str(staging))
+        io.replace_dir(staging, Path(folder))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Path(folder)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from chemfl.config import Scalar, split_list
+from chemfl.data_prep import io
 from chemfl.errors import ChemFLError
 
 PACKAGE_PREFIX = "pkg:"
@@ -117,9 +118,7 @@ def materialize_gguf(location: str, gguf: str, cache_dir: str) -> Path:
     target = Path(cache_dir).expanduser() / "models" / f"{Path(gguf).stem}-{_cache_key(location, gguf)}"
     if (target / "model.safetensors").is_file():
         return target
-    staging = target.parent / f".{target.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = io.staging_dir(target)
     try:
         model = AutoModelForCausalLM.from_pretrained(location, gguf_file=gguf, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(location, gguf_file=gguf)
@@ -133,7 +132,10 @@ def materialize_gguf(location: str, gguf: str, cache_dir: str) -> Path:
         model.config.save_pretrained(staging)
         model.generation_config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        os.replace(staging, target) if not target.exists() else shutil.rmtree(staging)
+        if target.exists():  # another process converted it meanwhile: keep the first copy
+            shutil.rmtree(staging)
+        else:
+            os.replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
