@@ -1,4 +1,5 @@
-"""The `chemfl` command: `chemfl data build|verify|baselines`, `chemfl simulate`, `chemfl eval`."""
+"""The `chemfl` command: `chemfl data build|verify|baselines`, `chemfl simulate`, `chemfl eval`,
+`chemfl report`, `chemfl launch`."""
 
 from __future__ import annotations
 
@@ -11,16 +12,18 @@ from pathlib import Path
 from chemfl.config import resolve
 from chemfl.data_prep import cli as data_cli
 from chemfl.errors import ChemFLError
+from chemfl.report import cli as report_cli
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="chemfl", description="Federated LoRA fine-tuning of chemistry LLMs across supercomputers."
     )
-    verbs = parser.add_subparsers(dest="room", required=True, metavar="{data,simulate,eval}")
+    verbs = parser.add_subparsers(dest="room", required=True, metavar="{data,simulate,eval,report}")
     data_cli.register(verbs)
     register_simulate(verbs)
     register_eval(verbs)
+    report_cli.register(verbs)
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
@@ -43,18 +46,21 @@ def register_simulate(verbs: argparse._SubParsersAction) -> None:
     simulate.add_argument("--clients-at-once", type=int, default=None,
                           help="run this many ClientApps at once whatever the core count (e.g. 4 with "
                           "--cpus-per-client 1, so an emulated slow facility does not hold up the others)")
+    simulate.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
+                          help="override one knob of the recipe, e.g. --set strategy.name=fedbuff (repeatable)")
     simulate.set_defaults(handler=run_simulate)
 
 
 def run_simulate(args: argparse.Namespace) -> int:
-    from chemfl.simulation import simulate
+    from chemfl.simulation import parse_overrides, simulate
 
     if not args.recipe.is_file():
         raise ChemFLError(f"recipe {args.recipe} does not exist")
     if not (args.app / "pyproject.toml").is_file():
         raise ChemFLError(f"{args.app} is not a Flower App folder (no pyproject.toml); pass --app")
+    overrides = parse_overrides(args.overrides)
     return simulate(args.recipe, args.app, Path.cwd(), args.supernodes, args.cpus_per_client,
-                    args.clients_at_once).returncode
+                    args.clients_at_once, overrides=overrides).returncode
 
 
 def register_eval(verbs: argparse._SubParsersAction) -> None:

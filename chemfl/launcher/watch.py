@@ -1,0 +1,405 @@
+"""Submit every facility's job, resubmit it when it ends while the run goes on, and log it all.
+
+Files in the launch directory
+-----------------------------
+launch.jsonl        every event, appended as it happens (by the watcher, and by `stop` from another
+                    process), one JSON object per line. Every line has:
+    time      float: epoch seconds (the watcher's clock) when the event was seen
+    event     "submitted" | "started" | "ended" | "resubmitted" | "gave-up" | "cancelled" | "error"
+    facility  str
+    backend   "pbs" | "slurm" | "local" | "globus"
+    job_id    str, or null where no job is concerned (a failed submission; a "cancelled" facility
+              that was waiting to resubmit)
+    attempt   int: 0 for a facility's first submission, n for its n-th resubmission (a failed
+              submission uses up its attempt too)
+  and per event:
+    submitted    attempt 0 was accepted; job_id is the new job's
+    resubmitted  attempt n >= 1 was accepted; job_id is the new job's; delay_seconds: the backoff waited
+    started      the job was first seen running; queue_wait_seconds = this time - its submission's time
+    ended        the job was first seen gone; ran_seconds = this time - its "started" time (null if it
+                 was never seen running); resubmit_at: epoch seconds of the planned resubmission (null
+                 when giving up); exit_code, stderr_tail, error, task_id where the backend knows them
+    gave-up      follows the "ended" or "error" that used up the last attempt (attempt == max_resubmits)
+    cancelled    `stop` cancelled the facility; note: the backend's remark ("" or why it could not)
+    error        message: what failed. A failed submission also has resubmit_at (and may be followed by
+                 "gave-up"); a failed state query changes nothing (the job is asked again next poll)
+  One job (facility, job_id) goes submitted|resubmitted, then at most one started, then ended or
+  cancelled. States are sampled once per poll (poll_seconds), so "started" and "ended" are late by
+  up to one poll. For backend "globus", "started" follows "submitted" at once: the endpoint queues
+  the batch job out of sight, so there is no queue wait to observe (`queue_waits` leaves it out).
+launch-state.json   the current picture, rewritten (temp file + rename) after every poll:
+    {"watcher_pid": int | null (null once the watcher has exited), "updated": float,
+     "facilities": {facility: {"backend", "job_id", "state", "attempt", "resubmit_at",
+                               "last_event", "last_event_time"}}}
+    where state is "new" | "queued" | "running" | "waiting" (to resubmit at resubmit_at) |
+    "gave-up" | "cancelled".
+launch.stop         present once `stop` was asked; the watcher exits without submitting anything more.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from chemfl.errors import ChemFLError
+from chemfl.launcher.globus import GlobusBackend
+from chemfl.launcher.schedulers import (
+    Backend,
+    JobTarget,
+    LocalScheduler,
+    PbsScheduler,
+    SchedulerBackend,
+    SlurmScheduler,
+    process_alive,
+)
+
+logger = logging.getLogger(__name__)
+
+EVENTS_FILE = "launch.jsonl"
+STATE_FILE = "launch-state.json"
+STOP_FILE = "launch.stop"
+
+LIVE_STATES = ("queued", "running")
+FINAL_STATES = ("gave-up", "cancelled")
+SUBMISSION_EVENTS = ("submitted", "resubmitted")
+# How often a napping watcher looks for the stop file, and `stop` for the watcher's exit.
+STOP_CHECK_SECONDS = 1.0
+STOP_WAIT_POLL_SECONDS = 0.5
+
+
+def default_backends() -> dict[str, Backend]:
+    """One backend per key `backend_key` can return; none of them contacts anything until used."""
+    return {
+        "pbs": SchedulerBackend(PbsScheduler()),
+        "slurm": SchedulerBackend(SlurmScheduler()),
+        "local": SchedulerBackend(LocalScheduler()),
+        "globus": GlobusBackend(),
+    }
+
+
+def backend_key(target: JobTarget) -> str:
+    """Which backend runs `target`: "globus", or its scheduler for backend = cli."""
+    if target.backend == "globus":
+        return "globus"
+    if target.backend == "cli" and target.scheduler in ("pbs", "slurm", "local"):
+        return target.scheduler
+    raise ChemFLError(
+        f"{target.facility}: backend {target.backend!r} with scheduler {target.scheduler!r} is not supported; "
+        "use backend = cli with scheduler pbs, slurm or local, or backend = globus"
+    )
+
+
+def describe(error: Exception) -> str:
+    return str(error) if isinstance(error, ChemFLError) else f"{type(error).__name__}: {error}"
+
+
+# --- the launch directory's files ------------------------------------------------------------------
+
+
+def append_event(launch_dir: Path, event: dict) -> None:
+    # One short write on an O_APPEND file, so lines from the watcher and from `stop` never interleave.
+    with (Path(launch_dir) / EVENTS_FILE).open("a", encoding="utf-8") as file:
+        file.write(json.dumps(event) + "\n")
+
+
+def read_events(path: Path) -> list[dict]:
+    """The events of a launch.jsonl, skipping a line torn by a watcher killed while writing it."""
+    events = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events
+
+
+def write_state(launch_dir: Path, state: dict) -> None:
+    path = Path(launch_dir) / STATE_FILE
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    staging.write_text(json.dumps(state, indent=2), encoding="utf-8")
+    os.replace(staging, path)  # readers in other processes see the old file or the new, never half
+
+
+def read_state(launch_dir: Path) -> dict:
+    path = Path(launch_dir) / STATE_FILE
+    if not path.is_file():
+        raise ChemFLError(f"no launch in {launch_dir} (no {STATE_FILE}); start one with chemfl launch")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def queue_waits(path: Path) -> dict[str, list[float]]:
+    """launch.jsonl -> {facility: [started - submitted seconds, per job seen running, in order]}.
+
+    Globus facilities are left out (their queue wait happens out of sight, inside the endpoint).
+    """
+    submitted_at: dict[tuple[str, str], float] = {}
+    waits: dict[str, list[float]] = {}
+    for event in read_events(path):
+        if event["backend"] == "globus":
+            continue
+        key = (event["facility"], event["job_id"])
+        if event["event"] in SUBMISSION_EVENTS:
+            submitted_at[key] = event["time"]
+            waits.setdefault(event["facility"], [])
+        elif event["event"] == "started" and key in submitted_at:
+            waits[event["facility"]].append(event["time"] - submitted_at.pop(key))
+    return waits
+
+
+# --- the watcher -----------------------------------------------------------------------------------
+
+
+@dataclass
+class FacilityJob:
+    """One facility's current job and what the watcher knows of its history."""
+
+    target: JobTarget
+    backend: str
+    state: str = "new"  # new | queued | running | waiting | gave-up | cancelled
+    attempt: int = -1
+    job_id: str | None = None
+    submitted_at: float = 0.0
+    started_at: float | None = None
+    resubmit_at: float | None = None
+    backoff_seconds: float = 0.0
+    early_endings: int = 0  # consecutive jobs that ended before half their walltime
+    last_event: str = ""
+    last_event_time: float | None = None
+
+    def snapshot(self) -> dict:
+        return {
+            "backend": self.backend, "job_id": self.job_id, "state": self.state, "attempt": self.attempt,
+            "resubmit_at": self.resubmit_at, "last_event": self.last_event,
+            "last_event_time": self.last_event_time,
+        }
+
+
+class Watcher:
+    """Keeps one job per facility alive: submit, follow, resubmit with backoff, log every event."""
+
+    def __init__(
+        self,
+        targets: Sequence[JobTarget],
+        launch_dir: Path,
+        backends: Mapping[str, Backend] | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+        poll_seconds: float = 30.0,
+    ) -> None:
+        names = [target.facility for target in targets]
+        if len(set(names)) != len(names):
+            raise ChemFLError(f"each facility may be launched once; got {names}")
+        self.launch_dir = Path(launch_dir)
+        self.backends = dict(default_backends() if backends is None else backends)
+        self.jobs = [FacilityJob(target, backend_key(target)) for target in targets]
+        for job in self.jobs:
+            if job.backend not in self.backends:
+                raise ChemFLError(f"{job.target.facility}: no {job.backend!r} backend was given to the watcher")
+        self.clock = clock
+        self.sleep = sleep
+        self.poll_seconds = poll_seconds
+
+    @property
+    def stop_file(self) -> Path:
+        return self.launch_dir / STOP_FILE
+
+    def stop_requested(self) -> bool:
+        return self.stop_file.exists()
+
+    def submit_all(self) -> None:
+        """Check every target, then submit each facility's first job (checks fail before any submission)."""
+        for job in self.jobs:
+            self.backends[job.backend].check(job.target)
+        self.launch_dir.mkdir(parents=True, exist_ok=True)
+        self.stop_file.unlink(missing_ok=True)  # left by an earlier launch in this directory
+        now = self.clock()
+        for job in self.jobs:
+            self.submit(job, now)
+        self.save()
+
+    def poll_once(self) -> None:
+        """Follow every live job, and make every resubmission that is due."""
+        now = self.clock()
+        for job in self.jobs:
+            if job.state == "waiting" and now >= job.resubmit_at:
+                self.submit(job, now)
+            elif job.state in LIVE_STATES:
+                self.follow(job, now)
+        self.save()
+
+    def run(self, stop: Callable[[], bool] = lambda: False) -> None:
+        """Submit (unless done already), then poll until `stop()`, a stop file, or every facility gave up.
+
+        Jobs still running when it returns are left running (`stop` cancels them).
+        """
+        if all(job.state == "new" for job in self.jobs):
+            self.submit_all()
+        try:
+            while not (stop() or self.stop_requested()):
+                self.poll_once()
+                if all(job.state in FINAL_STATES for job in self.jobs):
+                    break
+                self.nap()
+        finally:
+            self.save(watching=False)
+            for backend in self.backends.values():
+                backend.close()
+
+    def nap(self) -> None:
+        """Sleep until the next poll or the next due resubmission, waking early for a stop file."""
+        wake = self.clock() + self.poll_seconds
+        for job in self.jobs:
+            if job.state == "waiting":
+                wake = min(wake, job.resubmit_at)
+        while (left := wake - self.clock()) > 0 and not self.stop_requested():
+            self.sleep(min(left, STOP_CHECK_SECONDS))
+
+    def submit(self, job: FacilityJob, now: float) -> None:
+        if self.stop_requested():
+            return  # `stop` is cancelling this launch: a new job would escape it
+        job.attempt += 1
+        try:
+            job_id = self.backends[job.backend].submit(job.target)
+        except Exception as error:  # the watcher outlives any one failure; the error is logged
+            job.job_id = None
+            resubmit_at = self.plan_resubmission(job, now, early=True)
+            self.record("error", job, now, message=describe(error), resubmit_at=resubmit_at)
+            if resubmit_at is None:
+                self.record("gave-up", job, now)
+            return
+        job.job_id, job.state, job.submitted_at = job_id, "queued", now
+        job.started_at = job.resubmit_at = None
+        if job.attempt == 0:
+            self.record("submitted", job, now)
+        else:
+            self.record("resubmitted", job, now, delay_seconds=job.backoff_seconds)
+
+    def follow(self, job: FacilityJob, now: float) -> None:
+        backend = self.backends[job.backend]
+        try:
+            state = backend.state(job.job_id)
+        except Exception as error:  # keep the last known state: never resubmit a job we merely lost sight of
+            self.record("error", job, now, message=describe(error))
+            return
+        if state == "ended":
+            ran_seconds = None if job.started_at is None else now - job.started_at
+            # A job that used half its walltime was healthy (it ran into its limit): only jobs that
+            # die young double the backoff.
+            early = ran_seconds is None or ran_seconds < job.target.walltime_seconds / 2
+            resubmit_at = self.plan_resubmission(job, now, early)
+            self.record(
+                "ended", job, now, ran_seconds=ran_seconds, resubmit_at=resubmit_at,
+                **backend.end_details(job.job_id),
+            )
+            if resubmit_at is None:
+                self.record("gave-up", job, now)
+            return
+        if state == "running" and job.started_at is None:
+            job.started_at = now
+            self.record("started", job, now, queue_wait_seconds=now - job.submitted_at)
+        job.state = state
+
+    def plan_resubmission(self, job: FacilityJob, now: float, early: bool) -> float | None:
+        """Set `job` waiting for its next attempt and return when it is due; None (gave-up) when none is left."""
+        job.resubmit_at = None
+        if job.attempt >= job.target.max_resubmits:
+            job.state = "gave-up"
+            return None
+        job.early_endings = job.early_endings + 1 if early else 0
+        job.backoff_seconds = job.target.resubmit_backoff_seconds * 2 ** max(job.early_endings - 1, 0)
+        job.resubmit_at = now + job.backoff_seconds
+        job.state = "waiting"
+        return job.resubmit_at
+
+    def record(self, event: str, job: FacilityJob, now: float, **fields) -> None:
+        entry = {
+            "time": now, "event": event, "facility": job.target.facility, "backend": job.backend,
+            "job_id": job.job_id, "attempt": job.attempt, **fields,
+        }
+        append_event(self.launch_dir, entry)
+        job.last_event, job.last_event_time = event, now
+        level = logging.WARNING if event in ("error", "gave-up") else logging.INFO
+        logger.log(level, "%s: %s (job %s, attempt %d) %s", job.target.facility, event, job.job_id, job.attempt,
+                   fields or "")
+
+    def save(self, watching: bool = True) -> None:
+        write_state(self.launch_dir, {
+            "watcher_pid": os.getpid() if watching else None,
+            "updated": self.clock(),
+            "facilities": {job.target.facility: job.snapshot() for job in self.jobs},
+        })
+
+
+# --- from another process: status and stop ---------------------------------------------------------
+
+
+def status(launch_dir: Path) -> list[dict]:
+    """One row per facility: facility, backend, job_id, state, attempts, resubmit_at, last_event, last_event_time."""
+    rows = []
+    for facility, entry in read_state(launch_dir)["facilities"].items():
+        rows.append({
+            "facility": facility, "backend": entry["backend"], "job_id": entry["job_id"], "state": entry["state"],
+            "attempts": entry["attempt"] + 1, "resubmit_at": entry["resubmit_at"],
+            "last_event": entry["last_event"], "last_event_time": entry["last_event_time"],
+        })
+    return rows
+
+
+def watcher_pid(launch_dir: Path) -> int | None:
+    """The pid of the watcher still following this launch; None once it has exited."""
+    pid = read_state(launch_dir)["watcher_pid"]
+    return pid if pid is not None and process_alive(pid) else None
+
+
+def stop(
+    launch_dir: Path,
+    backends: Mapping[str, Backend] | None = None,
+    *,
+    wait_seconds: float = 60.0,
+    clock: Callable[[], float] = time.time,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[dict]:
+    """Tell the watcher to exit, then cancel every live job and record "cancelled"; returns those events.
+
+    The watcher is waited for (up to `wait_seconds`) before cancelling, so that it cannot resubmit a
+    job it sees ending under the cancellation. A watcher in this very process is not waited for.
+    """
+    launch_dir = Path(launch_dir)
+    read_state(launch_dir)
+    (launch_dir / STOP_FILE).touch()
+    deadline = clock() + wait_seconds
+    while watcher_pid(launch_dir) not in (None, os.getpid()):
+        if clock() >= deadline:
+            logger.warning("the watcher of %s did not exit within %.0f s; cancelling anyway", launch_dir,
+                           wait_seconds)
+            break
+        sleep(STOP_WAIT_POLL_SECONDS)
+    backends = default_backends() if backends is None else backends
+    state = read_state(launch_dir)
+    now = clock()
+    events = []
+    for facility, entry in state["facilities"].items():
+        if entry["state"] in FINAL_STATES:
+            continue
+        job_id = entry["job_id"] if entry["state"] in LIVE_STATES else None
+        note = ""
+        if job_id is not None:
+            try:
+                note = backends[entry["backend"]].cancel(job_id)
+            except Exception as error:  # cancel the other facilities regardless
+                note = f"cancel failed: {describe(error)}"
+        event = {
+            "time": now, "event": "cancelled", "facility": facility, "backend": entry["backend"],
+            "job_id": job_id, "attempt": entry["attempt"], "note": note,
+        }
+        append_event(launch_dir, event)
+        entry.update(state="cancelled", resubmit_at=None, last_event="cancelled", last_event_time=now)
+        events.append(event)
+    write_state(launch_dir, state)
+    return events
