@@ -1,0 +1,62 @@
+#!/bin/bash
+#SBATCH --job-name=chemfl-frontier
+#SBATCH --account=MyProject
+#SBATCH --qos=debug
+#SBATCH --nodes=2
+#SBATCH --time=02:00:00
+#SBATCH --output=chemfl-frontier-%j.out
+# ChemFL: 16 Flower SuperNodes for facility frontier (2 nodes x 8, one per GCD),
+# each connecting out to the SuperLink at fl.example.org:443.
+# Rendered by chemfl.launcher from the facilities file: change that and render again, or edit here.
+set -euo pipefail
+
+# --- Site environment (the facility's `setup` lines). Unset variables are allowed meanwhile:
+# module and conda scripts read variables that may be unset.
+set +u
+module load PrgEnv-gnu rocm craype-accel-amd-gfx90a
+source ~/chemfl/.venv/bin/activate
+set -u
+
+# --- Outbound proxy: compute nodes reach the SuperLink only through it. Each SuperNode's own runtime
+# API (127.0.0.1) must not go through it.
+export http_proxy=http://proxy.ccs.ornl.gov:3128/
+export https_proxy=http://proxy.ccs.ornl.gov:3128/
+export grpc_proxy=http://proxy.ccs.ornl.gov:3128/
+export no_proxy=localhost,127.0.0.1
+export no_grpc_proxy=localhost,127.0.0.1,::1
+
+# --- Job clock: when the job ends (epoch seconds), and how long before that the SuperNodes are
+# stopped, so that they leave the federation cleanly instead of being killed mid-message.
+# Slurm exports the end; elsewhere (outside a Slurm job) count the walltime from now.
+export CHEMFL_JOB_END_TIME=${SLURM_JOB_END_TIME:-$(( $(date +%s) + 7200 ))}  # walltime 02:00:00
+export CHEMFL_JOB_ID=${SLURM_JOB_ID:-$$}
+export CHEMFL_STOP_MARGIN=120
+
+# --- One SuperNode, in the foreground: index $1 in this job (0..15), GCD $2 on this node.
+# srun has already pinned it to its GCD; its own runtime port and FLWR_HOME (node-local) keep it
+# apart from the SuperNodes beside it; timeout stops it CHEMFL_STOP_MARGIN s before the job's end.
+start_supernode() {
+  local index=$1 gpu=$2
+  local flwr_home="${TMPDIR:-/tmp}/chemfl-${CHEMFL_JOB_ID}-${index}"
+  local seconds_left=$(( CHEMFL_JOB_END_TIME - $(date +%s) - CHEMFL_STOP_MARGIN ))
+  if (( seconds_left <= 0 )); then
+    echo "chemfl: SuperNode ${index} not started: the job ends in under ${CHEMFL_STOP_MARGIN} s" >&2
+    return 1
+  fi
+  mkdir -p "$flwr_home"
+  FLWR_HOME="$flwr_home" timeout --signal=TERM --kill-after=30 "$seconds_left" \
+    flower-supernode \
+      --superlink fl.example.org:443 \
+      --root-certificates "$HOME/chemfl/certs/ca.crt" \
+      --auth-supernode-private-key "$HOME/chemfl/keys/frontier-${index}" \
+      --port $(( 9094 + gpu )) \
+      --node-config "facility='frontier' data-path='/lustre/orion/MyProject/proj-shared/chemfl/partitions/frontier' data-slice='${index}/16' job-end-time=${CHEMFL_JOB_END_TIME}" \
+    || [[ $? -eq 124 ]]  # 124: timeout stopped it on schedule
+}
+
+# --- Start: one Slurm task per GCD on every node. --gpus-per-task=1 --gpu-bind=closest gives each
+# task its own GCD and the cores next to it; SLURM_PROCID numbers the SuperNodes across the job,
+# SLURM_LOCALID within a node. The function travels as text (declare -f); srun passes this
+# shell's environment (site setup, proxies, CHEMFL_*) to every task.
+srun --nodes=2 --ntasks-per-node=8 --cpus-per-task=7 --gpus-per-task=1 --gpu-bind=closest \
+  bash -c "set -euo pipefail; $(declare -f start_supernode); start_supernode \"\$SLURM_PROCID\" \"\$SLURM_LOCALID\""

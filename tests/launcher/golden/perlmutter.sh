@@ -1,0 +1,60 @@
+#!/bin/bash
+#SBATCH --job-name=chemfl-perlmutter
+#SBATCH --account=MyProject
+#SBATCH --qos=regular
+#SBATCH --nodes=1
+#SBATCH --time=04:00:00
+#SBATCH --constraint=gpu
+#SBATCH --gpus-per-node=4
+#SBATCH --output=chemfl-perlmutter-%j.out
+# ChemFL: 2 Flower SuperNodes for facility perlmutter (1 node x 2, one per GPU),
+# each connecting out to the SuperLink at fl.example.org:443.
+# Rendered by chemfl.launcher from the facilities file: change that and render again, or edit here.
+set -euo pipefail
+
+# --- Site environment (the facility's `setup` lines). Unset variables are allowed meanwhile:
+# module and conda scripts read variables that may be unset.
+set +u
+module load conda
+source ~/chemfl/.venv/bin/activate
+set -u
+
+# --- Job clock: when the job ends (epoch seconds), and how long before that the SuperNodes are
+# stopped, so that they leave the federation cleanly instead of being killed mid-message.
+# Slurm exports the end; elsewhere (outside a Slurm job) count the walltime from now.
+export CHEMFL_JOB_END_TIME=${SLURM_JOB_END_TIME:-$(( $(date +%s) + 14400 ))}  # walltime 04:00:00
+export CHEMFL_JOB_ID=${SLURM_JOB_ID:-$$}
+export CHEMFL_STOP_MARGIN=120
+
+# --- One SuperNode, in the foreground: index $1 in this job (0..1), GPU $2 on this node.
+# CUDA_VISIBLE_DEVICES pins it to that GPU; its own runtime port and FLWR_HOME (node-local) keep it
+# apart from the SuperNodes beside it; timeout stops it CHEMFL_STOP_MARGIN s before the job's end.
+start_supernode() {
+  local index=$1 gpu=$2
+  local flwr_home="${TMPDIR:-/tmp}/chemfl-${CHEMFL_JOB_ID}-${index}"
+  local seconds_left=$(( CHEMFL_JOB_END_TIME - $(date +%s) - CHEMFL_STOP_MARGIN ))
+  if (( seconds_left <= 0 )); then
+    echo "chemfl: SuperNode ${index} not started: the job ends in under ${CHEMFL_STOP_MARGIN} s" >&2
+    return 1
+  fi
+  mkdir -p "$flwr_home"
+  FLWR_HOME="$flwr_home" CUDA_VISIBLE_DEVICES="$gpu" timeout --signal=TERM --kill-after=30 "$seconds_left" \
+    flower-supernode \
+      --superlink fl.example.org:443 \
+      --root-certificates "$HOME/chemfl/certs/ca.crt" \
+      --auth-supernode-private-key "$HOME/chemfl/keys/perlmutter-${index}" \
+      --port $(( 9094 + gpu )) \
+      --node-config "facility='perlmutter' data-path='$PSCRATCH/chemfl/partitions/perlmutter' data-slice='${index}/2' job-end-time=${CHEMFL_JOB_END_TIME}" \
+    || [[ $? -eq 124 ]]  # 124: timeout stopped it on schedule
+}
+
+# --- One node's SuperNodes, each in the background; node $1 runs indices $1*2 .. $1*2+1.
+start_node() {
+  local node=$1 gpu
+  for gpu in {0..1}; do
+    start_supernode $(( node * 2 + gpu )) "$gpu" &
+  done
+  wait
+}
+
+start_node 0

@@ -1,0 +1,70 @@
+#!/bin/bash
+#SBATCH --job-name=chemfl-slurm
+#SBATCH --account=MyProject
+#SBATCH --partition=gpu
+#SBATCH --nodes=3
+#SBATCH --time=08:00:00
+#SBATCH --gres=gpu:4
+#SBATCH --output=chemfl-slurm-%j.out
+# ChemFL: 6 Flower SuperNodes for facility slurm (3 nodes x 2, one per GPU),
+# each connecting out to the SuperLink at fl.example.org:443.
+# Rendered by chemfl.launcher from the facilities file: change that and render again, or edit here.
+set -euo pipefail
+
+# --- Site environment (the facility's `setup` lines). Unset variables are allowed meanwhile:
+# module and conda scripts read variables that may be unset.
+set +u
+source ~/chemfl/.venv/bin/activate
+set -u
+
+# --- Outbound proxy: compute nodes reach the SuperLink only through it. Each SuperNode's own runtime
+# API (127.0.0.1) must not go through it.
+export http_proxy=http://proxy.example.org:3128
+export https_proxy=http://proxy.example.org:3128
+export grpc_proxy=http://proxy.example.org:3128
+export no_proxy=localhost,127.0.0.1
+export no_grpc_proxy=localhost,127.0.0.1,::1
+
+# --- Job clock: when the job ends (epoch seconds), and how long before that the SuperNodes are
+# stopped, so that they leave the federation cleanly instead of being killed mid-message.
+# Slurm exports the end; elsewhere (outside a Slurm job) count the walltime from now.
+export CHEMFL_JOB_END_TIME=${SLURM_JOB_END_TIME:-$(( $(date +%s) + 28800 ))}  # walltime 08:00:00
+export CHEMFL_JOB_ID=${SLURM_JOB_ID:-$$}
+export CHEMFL_STOP_MARGIN=120
+
+# --- One SuperNode, in the foreground: index $1 in this job (0..5), GPU $2 on this node.
+# CUDA_VISIBLE_DEVICES pins it to that GPU; its own runtime port and FLWR_HOME (node-local) keep it
+# apart from the SuperNodes beside it; timeout stops it CHEMFL_STOP_MARGIN s before the job's end.
+start_supernode() {
+  local index=$1 gpu=$2
+  local flwr_home="${TMPDIR:-/tmp}/chemfl-${CHEMFL_JOB_ID}-${index}"
+  local seconds_left=$(( CHEMFL_JOB_END_TIME - $(date +%s) - CHEMFL_STOP_MARGIN ))
+  if (( seconds_left <= 0 )); then
+    echo "chemfl: SuperNode ${index} not started: the job ends in under ${CHEMFL_STOP_MARGIN} s" >&2
+    return 1
+  fi
+  mkdir -p "$flwr_home"
+  FLWR_HOME="$flwr_home" CUDA_VISIBLE_DEVICES="$gpu" timeout --signal=TERM --kill-after=30 "$seconds_left" \
+    flower-supernode \
+      --superlink fl.example.org:443 \
+      --root-certificates "$HOME/chemfl/certs/ca.crt" \
+      --auth-supernode-private-key "$HOME/chemfl/keys/slurm-${index}" \
+      --port $(( 9094 + gpu )) \
+      --node-config "facility='slurm' data-path='/scratch/chemfl/partitions/slurm' data-slice='${index}/6' job-end-time=${CHEMFL_JOB_END_TIME}" \
+    || [[ $? -eq 124 ]]  # 124: timeout stopped it on schedule
+}
+
+# --- One node's SuperNodes, each in the background; node $1 runs indices $1*2 .. $1*2+1.
+start_node() {
+  local node=$1 gpu
+  for gpu in {0..1}; do
+    start_supernode $(( node * 2 + gpu )) "$gpu" &
+  done
+  wait
+}
+
+# --- Start: every node runs start_node. srun starts one task per node, numbered by SLURM_NODEID,
+# unbound so that the node's SuperNodes share all its cores. The functions travel as text
+# (declare -f); srun passes this shell's environment (site setup, proxies, CHEMFL_*) to every task.
+srun --nodes=3 --ntasks-per-node=1 --cpu-bind=none \
+  bash -c "set -euo pipefail; $(declare -f start_supernode start_node); start_node \"\$SLURM_NODEID\""
