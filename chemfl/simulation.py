@@ -9,15 +9,18 @@ Relative paths in the recipe resolve against the working folder, where the Super
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
-from chemfl.config import resolve, split_list
+from chemfl.config import Scalar, resolve, split_list
+from chemfl.errors import ChemFLError
 
 
 def free_port() -> int:
@@ -32,12 +35,52 @@ def recipe_facilities(recipe: Path) -> int:
     return len(split_list(str(resolve(parse_config_args([str(recipe)]))["data.facilities"])))
 
 
+def parse_overrides(items: list[str]) -> dict[str, Scalar]:
+    """`["strategy.name=fedbuff", "train.lr=0.01"]` -> typed values (TOML literals, else strings);
+    unknown keys and wrong types are errors, as in a recipe."""
+    overrides: dict[str, Scalar] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ChemFLError(f"--set {item!r} must be key=value, e.g. --set strategy.name=fedbuff")
+        try:
+            overrides[key.strip()] = tomllib.loads(f"value = {text}")["value"]
+        except tomllib.TOMLDecodeError:
+            overrides[key.strip()] = text
+    resolve(overrides)
+    return overrides
+
+
+def merged_recipe(recipe: Path, overrides: dict[str, Scalar], folder: Path) -> Path:
+    """The recipe with `overrides` applied, as a flat TOML file under `folder` (flwr reads one file)."""
+    from flwr.common.config import parse_config_args
+
+    values = {**parse_config_args([str(recipe)]), **overrides}
+    resolve(values)
+    lines = [f"{key} = {toml_literal(value)}" for key, value in values.items()]
+    target = folder / f"{recipe.stem}.merged.toml"
+    temporary = target.with_name(f".{target.name}.partial")
+    temporary.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(temporary, target)
+    return target
+
+
+def toml_literal(value: Scalar) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON string escapes are valid TOML basic-string escapes
+    return repr(value)
+
+
 def simulate(recipe: Path, app_dir: Path, workdir: Path, num_supernodes: int | None = None,
-             cpus_per_client: int = 2, clients_at_once: int | None = None, capture: bool = False, timeout: float | None = None
-             ) -> subprocess.CompletedProcess:
+             cpus_per_client: int = 2, clients_at_once: int | None = None, capture: bool = False, timeout: float | None = None,
+             overrides: dict[str, Scalar] | None = None) -> subprocess.CompletedProcess:
     recipe, app_dir, workdir = Path(recipe).resolve(), Path(app_dir).resolve(), Path(workdir).resolve()
     home = workdir / ".flwr"
     home.mkdir(parents=True, exist_ok=True)
+    if overrides:
+        recipe = merged_recipe(recipe, overrides, home)
     (home / "config.toml").write_text(
         '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
         f"options.num-supernodes = {num_supernodes or recipe_facilities(recipe)}\n"

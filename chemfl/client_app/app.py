@@ -13,6 +13,7 @@ from flwr.common.logger import log
 
 from chemfl.config import resolve
 from chemfl.data_prep.formatting import LazyExamples
+from chemfl.client_app.walltime import remaining_walltime
 from chemfl.data_prep.shards import Shard, load_shard, shard_dir_for
 from chemfl.emulation import emulate_slowdown
 from chemfl.errors import ChemFLError
@@ -32,8 +33,34 @@ def _shard(folder: str) -> Shard:
     return load_shard(Path(folder))
 
 
+def parse_slice(setting: str) -> tuple[int, int]:
+    """Node config `data-slice = "i/n"`: this SuperNode trains on records i, i+n, i+2n, ... of its
+    facility's shard, so n SuperNodes of one facility never train on the same examples."""
+    index, _, count = str(setting).partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        i, n = -1, 0
+    if not 0 <= i < n:
+        raise ChemFLError(f"node config data-slice = {setting!r} must be 'i/n' with 0 <= i < n, e.g. data-slice='1/4'")
+    return i, n
+
+
 def _node_shard(config: dict, context: Context) -> Shard:
-    return _shard(str(shard_dir_for(str(config["data.path"]), dict(context.node_config))))
+    shard = _shard(str(shard_dir_for(str(config["data.path"]), dict(context.node_config))))
+    if "data-slice" not in context.node_config:
+        return shard
+    index, count = parse_slice(str(context.node_config["data-slice"]))
+    return replace(shard, train=shard.train[index::count])
+
+
+def _node_record(shard: Shard, context: Context) -> ConfigRecord:
+    """Who replied: facility name and, inside a batch job, the seconds of walltime left."""
+    record = {"facility": shard.facility}
+    remaining = remaining_walltime(dict(context.node_config))
+    if remaining is not None:
+        record["walltime-remaining"] = remaining
+    return ConfigRecord(record)
 
 
 _EXAMPLES: dict[tuple, LazyExamples] = {}
@@ -41,7 +68,7 @@ _EXAMPLES: dict[tuple, LazyExamples] = {}
 
 def _training_examples(session, shard: Shard, max_length: int, system_prompt: str) -> LazyExamples:
     """Tokenized on first use and kept for the process's later rounds (simulation actors persist)."""
-    key = (shard.build_id, shard.facility, max_length, system_prompt, id(session.tokenizer))
+    key = (shard.build_id, shard.facility, len(shard.train), max_length, system_prompt, id(session.tokenizer))
     if key not in _EXAMPLES:
         _EXAMPLES.clear()
         _EXAMPLES[key] = LazyExamples(session.tokenizer, shard.train, max_length, system_prompt)
@@ -63,8 +90,10 @@ def train(msg: Message, context: Context) -> Message:
     session = get_session(config)
     shard = _node_shard(config, context)
     _receive_adapter(session, msg)
-    examples = _training_examples(session, shard, spec.max_length, str(config["model.system-prompt"]))
     sent = msg.content["config"]
+    if "local-steps" in sent:  # sized by the strategy for this task (e.g. to fit the walltime left)
+        spec = replace(spec, local_steps=max(1, int(sent["local-steps"])))
+    examples = _training_examples(session, shard, spec.max_length, str(config["model.system-prompt"]))
     # A different batch order for every task (round, or asynchronous dispatch) and facility,
     # reproducible from the seeds.
     task = int(sent.get("task-id", sent.get("server-round", 0)))
@@ -85,9 +114,16 @@ def train(msg: Message, context: Context) -> Message:
     reply = RecordDict({
         "arrays": ArrayRecord(exchanged_state(session.model, session.lora_spec)),
         "metrics": metrics,
-        "node": ConfigRecord({"facility": shard.facility}),
+        "node": _node_record(shard, context),
     })
     return Message(content=reply, reply_to=msg)
+
+
+@app.query()
+def describe_node(msg: Message, context: Context) -> Message:
+    """Which facility this SuperNode serves (the emulated campaign maps nodes to facilities)."""
+    config = resolve(context.run_config)
+    return Message(content=RecordDict({"node": _node_record(_node_shard(config, context), context)}), reply_to=msg)
 
 
 @app.evaluate()

@@ -32,6 +32,7 @@ class ModelSpec:
     gguf_file: str
     cache_dir: str
     quantization: str
+    tiny: bool = False  # the model's tokenizer on a small random network: fast algorithm studies
 
     @classmethod
     def from_config(cls, config: dict[str, Scalar]) -> ModelSpec:
@@ -39,7 +40,7 @@ class ModelSpec:
         if quantization not in QUANTIZATIONS:
             raise ChemFLError(f"model.quantization = {quantization!r}; use one of {', '.join(QUANTIZATIONS)}")
         return cls(str(config["model.name"]), str(config["model.gguf-file"]),
-                   str(config["model.cache-dir"]), quantization)
+                   str(config["model.cache-dir"]), quantization, bool(config["model.tiny"]))
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,23 @@ def quantization_config(quantization: str, dtype: torch.dtype):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
+TINY_SHAPE = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 16}
+TINY_SEED = 0
+
+
+def tiny_random_model(location: str, dtype: torch.dtype):
+    """The checkpoint's architecture shrunk to TINY_SHAPE with seeded random weights (same
+    tokenizer, so data and metrics are unchanged): every node and the server build the same one."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(location)
+    for name, value in TINY_SHAPE.items():
+        setattr(config, name, value)
+    torch.manual_seed(TINY_SEED)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
 def load_base_model(spec: ModelSpec, device: torch.device):
     """(model, tokenizer) on `device`, quantized if asked; errors name Hub vs path."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -174,10 +192,15 @@ def load_base_model(spec: ModelSpec, device: torch.device):
     quant = quantization_config(spec.quantization, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
-        model = AutoModelForCausalLM.from_pretrained(
-            location, dtype=dtype, quantization_config=quant,
-            device_map={"": device} if quant is not None else None,
-        )
+        if spec.tiny:
+            if quant is not None:
+                raise ChemFLError("model.tiny = true is a small random network: set model.quantization = \"none\"")
+            model = tiny_random_model(location, dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                location, dtype=dtype, quantization_config=quant,
+                device_map={"": device} if quant is not None else None,
+            )
     except OSError as error:
         where = "local folder" if Path(location).exists() else "Hugging Face Hub id"
         raise ChemFLError(
