@@ -1,4 +1,5 @@
-"""Emulating heterogeneous facilities on one machine (the scheduling issue grows this room)."""
+"""`emulation.slowdown`: a facility sleeps so that it takes `factor` times its real training time
+(real-time heterogeneity for `chemfl simulate`; virtual-time campaigns live in `campaign` and `grid`)."""
 
 from __future__ import annotations
 

@@ -14,10 +14,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from chemfl.config import resolve
+from chemfl.config import resolve, split_list
 from chemfl.data_prep import io
 from chemfl.data_prep.build import BuildSpec, build_dataset
 from chemfl.emulation import parse_slowdown
+from chemfl.emulation.campaign import CampaignSpec
+from chemfl.emulation.grid import EmulatedGrid, discover_facilities
 from chemfl.errors import ChemFLError
 from chemfl.llm.evaluation import EvalSpec
 from chemfl.llm.lora import exchanged_state, frozen_a_digest
@@ -45,6 +47,24 @@ def async_settings(config: dict) -> tuple[AsyncSpec, StopRule]:
     return spec, stop
 
 
+def run_campaign(grid: Grid, campaign: CampaignSpec, config: dict, strategy, state: AsyncState, spec: AsyncSpec,
+                 stop: StopRule, evaluate, outputs: RunOutputs, train_config: dict) -> None:
+    """The loop on an EmulatedGrid: virtual clock, batch jobs, queue waits (no checkpoints: the
+    campaign is rerun from its seed instead)."""
+    facilities = [f.name for f in campaign.facilities]
+    real = discover_facilities(PromptGrid(grid), len(facilities))
+    outputs.append_metrics({"event": "run", "strategy": str(config["strategy.name"]), "campaign": campaign.name,
+                            "seed": campaign.seed, "virtual_time": True,
+                            "facilities": {name: {"nodes": 1, "supernodes": 1} for name in facilities}})
+    emulated = EmulatedGrid(PromptGrid(grid), campaign, {facility: node for node, facility in real.items()},
+                            int(config["train.local-steps"]), outputs.append_metrics)
+    run = AsyncRun(emulated, strategy, state, spec, stop, evaluate, outputs.append_metrics, None, train_config,
+                   clock=emulated.clock, sleep=emulated.sleep,
+                   facility_of={emulated.node_id(name): name for name in facilities})
+    run.run()
+    emulated.finish()
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = resolve(context.run_config)
@@ -54,7 +74,10 @@ def main(grid: Grid, context: Context) -> None:
         spec_type.from_config(config)
     eval_spec = EvalSpec.from_config(config)
     parse_slowdown(str(config["emulation.slowdown"]))
-    asynchronous = config["strategy.name"] in ASYNCHRONOUS
+    virtual_time = bool(config["emulation.virtual-time"])
+    campaign = CampaignSpec.from_config(config, tuple(split_list(str(config["data.facilities"])))) if virtual_time else None
+    # Under virtual time every strategy, FedAvg included, runs in the push/pull loop.
+    asynchronous = config["strategy.name"] in ASYNCHRONOUS or virtual_time
     rounds: dict[int, dict] = {}
     if asynchronous:
         strategy = make_async_strategy(config)
@@ -62,8 +85,9 @@ def main(grid: Grid, context: Context) -> None:
     else:
         strategy = make_strategy(config, lambda server_round, info: rounds.__setitem__(server_round, info))
     resume = str(config["resume"])
-    if resume and not asynchronous:
-        raise ChemFLError("resume is for asynchronous runs (strategy.name = fedbuff or fedasync)")
+    if resume and (not asynchronous or virtual_time):
+        raise ChemFLError("resume is for asynchronous runs in real time (strategy.name = fedbuff, fedasync or "
+                          "walltime-aware, emulation.virtual-time = false); rerun an emulated campaign instead")
 
     data_path = Path(str(config["data.path"]))
     built = build_dataset(build_spec, data_path)
@@ -93,8 +117,11 @@ def main(grid: Grid, context: Context) -> None:
         def evaluate(version: int, params: dict) -> float:
             return evaluator.evaluate_state("version", version, {k: torch.from_numpy(np.asarray(v)) for k, v in params.items()})["loss"]
 
-        AsyncRun(grid, strategy, state, async_spec, stop, evaluate, outputs.append_metrics, checkpointer,
-                 train_config).run()
+        if campaign is None:
+            AsyncRun(grid, strategy, state, async_spec, stop, evaluate, outputs.append_metrics, checkpointer,
+                     train_config).run()
+        else:
+            run_campaign(grid, campaign, config, strategy, state, async_spec, stop, evaluate, outputs, train_config)
     else:
         strategy.start(
             grid=PromptGrid(grid), initial_arrays=ArrayRecord(initial), num_rounds=int(config["strategy.num-rounds"]),

@@ -22,7 +22,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from chemfl.errors import ChemFLError
-from chemfl.server_app.async_strategies import FedAsync, FedBuff, Update, Verdict
+from chemfl.server_app.async_strategies import FedAsync, FedAvgRounds, FedBuff, NodeView, TaskOutcome, Update, Verdict
 from chemfl.server_app.checkpoint import AsyncState, Checkpointer
 
 Params = dict[str, np.ndarray]
@@ -53,6 +53,7 @@ class InFlight:
     version: int
     task_id: int
     sent_at: float
+    steps: int | None = None  # planned local steps; None: train.local-steps
 
 
 def to_record(params: Params) -> ArrayRecord:
@@ -86,7 +87,7 @@ def validate_update(arrays: ArrayRecord, template: Params, max_norm: float, sent
 @dataclass
 class AsyncRun:
     grid: Grid
-    strategy: FedBuff | FedAsync
+    strategy: FedBuff | FedAsync | FedAvgRounds
     state: AsyncState
     spec: AsyncSpec
     stop: StopRule
@@ -106,7 +107,9 @@ class AsyncRun:
     def run(self) -> Params:
         self._started = self.clock() - self.state.elapsed
         if self.state.version == 0 and not self.state.resumed:
-            self._evaluate(force=True)
+            loss = self._evaluate(force=True)
+            self.record({"event": "version", "version": 0, "wall_time": self.elapsed(),
+                         **({"eval_loss": loss} if loss is not None else {})})
         while not self._should_stop():
             with self._server_time():
                 self._dispatch()
@@ -148,15 +151,24 @@ class AsyncRun:
             self._lose(node_id, "node left the online list")
         limit = self.spec.concurrency or len(online)
         idle = sorted(n for n in online if n not in self.in_flight)
-        for node_id in idle[: max(0, limit - len(self.in_flight))]:
+        candidates = idle[: max(0, limit - len(self.in_flight))]
+        now = self.elapsed()
+        plans = self.strategy.plan_dispatch([NodeView(n, self._facility(n), now) for n in candidates],
+                                            len(self.in_flight), len(online))
+        for node_id in [n for n in candidates if n in plans]:
             self.state.task_counter += 1
+            steps = plans[node_id].local_steps
             config = {**self.train_config, "server-round": self.state.version, "server-version": self.state.version,
-                      "task-id": self.state.task_counter}
+                      "task-id": self.state.task_counter, **({"local-steps": steps} if steps is not None else {})}
             message = Message(RecordDict({"arrays": to_record(self.state.params), "config": ConfigRecord(config)}),
                               dst_node_id=node_id, message_type="train", ttl=self.spec.message_ttl)
             [message_id] = list(self.grid.push_messages([message]))
             self.sent_params.setdefault(self.state.version, self.state.params)
-            self.in_flight[node_id] = InFlight(node_id, message_id, self.state.version, self.state.task_counter, self.clock())
+            self.in_flight[node_id] = InFlight(node_id, message_id, self.state.version, self.state.task_counter,
+                                               self.elapsed(), steps)
+
+    def _facility(self, node_id: int) -> str:
+        return self.facility_of.get(node_id, str(node_id))
 
     @contextmanager
     def _server_time(self):
@@ -172,7 +184,11 @@ class AsyncRun:
         log(WARNING, "node %s (%s): in-flight work from version %d lost: %s", node_id,
             self.facility_of.get(node_id, "?"), lost.version, reason)
         self.record({"event": "lost", "node": node_id, "facility": self.facility_of.get(node_id),
-                     "version_sent": lost.version, "reason": reason, "time": self.elapsed()})
+                     "version_sent": lost.version, "reason": reason, "time": self.elapsed(),
+                     "dispatch_time": lost.sent_at, "steps": lost.steps})
+        outcome = TaskOutcome(node_id, self._facility(node_id), lost.sent_at, self.elapsed(), lost.steps, lost=True)
+        self.strategy.observe(outcome)
+        self._publish(self.strategy.discard(self.state.params, outcome))
         self._forget_unreferenced_versions()
 
     # --- arrivals ------------------------------------------------------------------------------
@@ -193,11 +209,19 @@ class AsyncRun:
         params, problem = validate_update(content["arrays"], self.state.params, self.spec.max_update_norm, sent) \
             if "arrays" in content else (None, "no adapter in the reply")
         metrics = content["metrics"] if "metrics" in content else {}
+        node = content["node"] if "node" in content else {}
+        outcome = TaskOutcome(
+            node_id, self._facility(node_id), flight.sent_at, self.elapsed(),
+            int(metrics["steps"]) if "steps" in metrics else None,
+            float(metrics["seconds"]) if "seconds" in metrics else None,
+            float(node["walltime-remaining"]) if "walltime-remaining" in node else None,
+        )
+        self.strategy.observe(outcome)
         if params is None:
             verdict = Verdict(self.state.version - flight.version, 0.0, False, f"rejected: {problem}")
             log(WARNING, "node %s (%s): update rejected: %s", node_id, self.facility_of.get(node_id, "?"), problem)
             self.state.counters["rejected"] += 1
-            published = None
+            published = self.strategy.discard(self.state.params, outcome)
         else:
             update = Update(node_id, flight.version, params, int(metrics.get("num-examples", 0)),
                             float(metrics.get("train-loss", float("nan"))))
@@ -209,16 +233,21 @@ class AsyncRun:
             "version_sent": flight.version, "version": self.state.version, "staleness": verdict.staleness,
             "weight": verdict.weight, "accepted": verdict.accepted, "reason": verdict.reason,
             "arrival_time": self.elapsed(), "train_loss": metrics.get("train-loss"),
-            "train_seconds": metrics.get("seconds"),
+            "train_seconds": metrics.get("seconds"), "dispatch_time": flight.sent_at, "steps": outcome.steps,
+            "walltime_remaining": outcome.walltime_remaining,
         })
-        if published is not None:
-            self.state.params = published
-            self.state.version += 1
-            self._forget_unreferenced_versions()
-            self._on_new_version()
+        self._publish(published)
         if self.checkpointer is not None:
             self.state.elapsed = self.elapsed()
             self.checkpointer.save(self.state, self.strategy)
+
+    def _publish(self, published: Params | None) -> None:
+        if published is None:
+            return
+        self.state.params = published
+        self.state.version += 1
+        self._forget_unreferenced_versions()
+        self._on_new_version()
 
     def _forget_unreferenced_versions(self) -> None:
         live = {flight.version for flight in self.in_flight.values()} | {self.state.version}

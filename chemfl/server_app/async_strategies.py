@@ -1,9 +1,11 @@
 """Asynchronous aggregation strategies: each arrival is weighed by its staleness, and the global
 adapter moves without waiting for the slowest facility. The maths live in `aggregation`.
 
-`submit` takes one validated update and returns the new global adapter when a new server
-version is published, else None. Buffers and optimizer state are plain data, so the run loop can
-checkpoint and restore them exactly.
+The loop asks a strategy three things: `plan_dispatch` (which idle nodes get work now, and how
+many local steps), `submit` (one validated update; the new global adapter when a version is
+published, else None) and `discard` (work that was lost or rejected). `observe` hears about every
+finished or lost task (timings, remaining walltime). Buffers and optimizer state are plain data,
+so the run loop can checkpoint and restore them exactly.
 """
 
 from __future__ import annotations
@@ -38,6 +40,47 @@ class Update:
     train_loss: float
 
 
+@dataclass(frozen=True)
+class NodeView:
+    """An idle online node, as the loop sees it when it may send work."""
+
+    node_id: int
+    facility: str
+    now: float
+
+
+@dataclass(frozen=True)
+class TaskPlan:
+    local_steps: int | None = None  # None: train.local-steps
+
+
+@dataclass(frozen=True)
+class TaskOutcome:
+    """One finished or lost task: what the node reported and what the loop timed."""
+
+    node_id: int
+    facility: str
+    dispatched: float
+    finished: float
+    steps: int | None = None
+    train_seconds: float | None = None
+    walltime_remaining: float | None = None  # seconds left in the node's batch job, if it knows
+    lost: bool = False
+
+
+class EveryIdleNode:
+    """The dispatch rule of FedBuff and FedAsync: every idle node gets the default task at once."""
+
+    def plan_dispatch(self, idle: list[NodeView], in_flight: int, online: int) -> dict[int, TaskPlan]:
+        return {node.node_id: TaskPlan() for node in idle}
+
+    def observe(self, outcome: TaskOutcome) -> None:
+        """Timings are not used by this rule."""
+
+    def discard(self, current: Params, outcome: TaskOutcome) -> dict[str, np.ndarray] | None:
+        return None  # lost work changes nothing
+
+
 @dataclass
 class Verdict:
     """What happened to one update: its staleness, its weight, whether it was used."""
@@ -56,7 +99,7 @@ def admit(version: int, update: Update, staleness: Staleness, max_staleness: int
 
 
 @dataclass
-class FedBuff:
+class FedBuff(EveryIdleNode):
     """FedBuff (Nguyen et al., AISTATS 2022): buffered asynchronous aggregation.
 
     Each arrival adds s(tau_i) * delta_i, delta_i = x_sent - y_i, to a buffer; after exactly K
@@ -84,6 +127,10 @@ class FedBuff:
         if self.lora_aggregation not in LORA_AGGREGATIONS:
             raise ValueError(f"lora.aggregation = {self.lora_aggregation!r}; use one of {', '.join(LORA_AGGREGATIONS)}")
 
+    def step_size(self) -> int:
+        """K: buffered updates per server step."""
+        return self.buffer_size
+
     def _space(self, params: Params) -> dict[str, np.ndarray]:
         return products(params) if self.lora_aggregation == "svd" else {k: np.asarray(v) for k, v in params.items()}
 
@@ -93,10 +140,11 @@ class FedBuff:
         if not verdict.accepted:
             return verdict, None
         self.buffer.append((delta(self._space(sent), self._space(update.params)), verdict.weight))
-        if len(self.buffer) < self.buffer_size:
+        size = self.step_size()
+        if len(self.buffer) < size:
             return verdict, None
-        taken, self.buffer = self.buffer[: self.buffer_size], self.buffer[self.buffer_size:]
-        mean = weighted_mean_of_deltas([d for d, _ in taken], [w for _, w in taken], self.buffer_size)
+        taken, self.buffer = self.buffer[:size], self.buffer[size:]
+        mean = weighted_mean_of_deltas([d for d, _ in taken], [w for _, w in taken], size)
         moved = self.optimizer.apply(self._space(current), mean, self.optimizer_state)
         if self.lora_aggregation == "svd":
             moved = svd_aggregate(current, moved)
@@ -104,7 +152,7 @@ class FedBuff:
 
 
 @dataclass
-class FedAsync:
+class FedAsync(EveryIdleNode):
     """FedAsync (Xie et al., 2019): every arrival is mixed in at once,
     x <- (1 - a_t) x + a_t x_k with a_t = alpha * s(tau); each arrival publishes a version.
     Updates staler than `max_staleness` are dropped."""
@@ -123,3 +171,152 @@ class FedAsync:
         if not verdict.accepted:
             return verdict, None
         return verdict, fedasync_mix(current, update.params, self.alpha * verdict.weight)
+
+
+@dataclass
+class FedAvgRounds(EveryIdleNode):
+    """FedAvg (McMahan et al., AISTATS 2017) run by the push/pull loop, for virtual-time campaigns
+    (Flower's own FedAvg waits on the real clock for nodes to come online).
+
+    A round starts when nothing is in flight and at least `min_nodes` nodes are online: every
+    online node gets the same version. The round closes when each has replied or lost its work;
+    then x <- sum_k n_k x_k / sum_k n_k over the replies (a round with no reply publishes nothing
+    and the next one starts from the same version). Nodes that come online mid-round wait.
+    """
+
+    min_nodes: int = 1
+    outstanding: int = 0
+    replies: list[tuple[dict[str, np.ndarray], int]] = field(default_factory=list)
+
+    def plan_dispatch(self, idle: list[NodeView], in_flight: int, online: int) -> dict[int, TaskPlan]:
+        if self.outstanding or in_flight or len(idle) < self.min_nodes:
+            return {}
+        self.outstanding = len(idle)
+        return {node.node_id: TaskPlan() for node in idle}
+
+    def submit(self, current: Params, version: int, sent: Mapping, update: Update
+               ) -> tuple[Verdict, dict[str, np.ndarray] | None]:
+        self.replies.append((update.params, max(update.num_examples, 1)))
+        return Verdict(version - update.version_sent, 1.0, True), self._close_if_done(current)
+
+    def discard(self, current: Params, outcome: TaskOutcome) -> dict[str, np.ndarray] | None:
+        return self._close_if_done(current)
+
+    def _close_if_done(self, current: Params) -> dict[str, np.ndarray] | None:
+        self.outstanding -= 1
+        if self.outstanding > 0 or not self.replies:
+            return None
+        total = sum(n for _, n in self.replies)
+        averaged = {name: sum(params[name].astype(np.float64) * (n / total) for params, n in self.replies)
+                    .astype(np.asarray(current[name]).dtype) for name in current}
+        self.replies = []
+        return averaged
+
+
+@dataclass
+class FacilityEstimate:
+    """What the server has learnt about one facility from its replies."""
+
+    seconds_per_step: float | None = None  # moving average of train seconds / steps
+    overhead_seconds: float = 0.0  # moving average of (round trip - training): start-up, load, transfer
+    job_end: float | None = None  # when its current batch job ends (arrival + reported remaining walltime)
+    job_seconds: float | None = None  # how long its jobs run, from the first job it was seen in
+    online_since: float | None = None  # start of the job it is in, as far as the server saw
+    queue_waits: list[float] = field(default_factory=list)  # offline gaps between its jobs
+    offline_since: float | None = None
+
+
+@dataclass
+class WalltimeAwareFedBuff(FedBuff):
+    """Walltime-aware FedBuff: buffered asynchronous aggregation that plans every task around
+    each facility's batch job, from what the facilities report (after FedCompass, Li et al.,
+    ICLR 2024, and FedQueue's walltime budget, arXiv 2605.02125).
+
+    - Equal-duration tasks: the task time is `base_steps` steps of the fastest facility seen;
+      facility i gets Q_i = that time / its measured seconds per step, within [min_steps, max_steps],
+      so slow facilities return as soon as fast ones and their updates are less stale.
+    - Walltime fit: with J = job end - now - expected overhead - `margin_seconds`, Q_i <= J / s_i; a
+      task that cannot reach `min_steps` before the job ends is not sent (no lost work); when the
+      time left after this task would be too short for another, this one takes it (up to max_steps).
+    - Buffer size follows the queues: K_t = min(K, facilities online), so a version does not wait
+      for updates from jobs that are still queued (observed queue waits are kept per facility).
+    - Updates are weighted by staleness and dropped past `max_staleness`, as in FedBuff.
+
+    A facility's first task, before anything is known, gets `base_steps` (or fewer to fit a job end
+    extrapolated from its earlier jobs). In deployments the remaining walltime comes from the
+    launcher's SuperNodes; estimates are relearned after a resume.
+    """
+
+    base_steps: int = 8
+    min_steps: int = 2
+    max_steps: int = 64
+    margin_seconds: float = 30.0
+    momentum: float = 0.5
+    estimates: dict[str, FacilityEstimate] = field(default_factory=dict)
+    online_count: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 1 <= self.min_steps <= self.base_steps <= self.max_steps:
+            raise ValueError(f"need 1 <= min-local-steps ({self.min_steps}) <= train.local-steps "
+                             f"({self.base_steps}) <= max-local-steps ({self.max_steps})")
+
+    def step_size(self) -> int:
+        return max(1, min(self.buffer_size, self.online_count or self.buffer_size))
+
+    def plan_dispatch(self, idle: list[NodeView], in_flight: int, online: int) -> dict[int, TaskPlan]:
+        self.online_count = online
+        plans = {}
+        for node in idle:
+            steps = self.plan_steps(node.facility, node.now)
+            if steps is not None:
+                plans[node.node_id] = TaskPlan(steps)
+        return plans
+
+    def plan_steps(self, facility: str, now: float) -> int | None:
+        """Local steps for a task sent now, or None when no useful task fits before the job ends."""
+        estimate = self._seen_online(facility, now)
+        known = [e.seconds_per_step for e in self.estimates.values() if e.seconds_per_step]
+        step_seconds = estimate.seconds_per_step
+        steps = self.base_steps
+        if step_seconds:
+            steps = round(self.base_steps * min(known) / step_seconds)
+        steps = min(max(steps, self.min_steps), self.max_steps)
+        if estimate.job_end is None or not step_seconds:
+            return steps
+        fits = int((estimate.job_end - now - estimate.overhead_seconds - self.margin_seconds) // step_seconds)
+        if fits < self.min_steps:
+            return None
+        steps = min(steps, fits)
+        if fits - steps < self.min_steps + estimate.overhead_seconds / step_seconds:
+            steps = min(fits, self.max_steps)  # the tail would be too short for another task: use it now
+        return steps
+
+    def observe(self, outcome: TaskOutcome) -> None:
+        estimate = self.estimates.setdefault(outcome.facility, FacilityEstimate())
+        if outcome.lost:
+            estimate.offline_since, estimate.job_end = outcome.finished, None
+            return
+        if outcome.steps and outcome.train_seconds:
+            per_step = outcome.train_seconds / outcome.steps
+            estimate.seconds_per_step = per_step if estimate.seconds_per_step is None else \
+                self.momentum * estimate.seconds_per_step + (1 - self.momentum) * per_step
+            overhead = max(0.0, outcome.finished - outcome.dispatched - outcome.train_seconds)
+            estimate.overhead_seconds = self.momentum * estimate.overhead_seconds + (1 - self.momentum) * overhead \
+                if estimate.overhead_seconds else overhead
+        if outcome.walltime_remaining is not None:
+            estimate.job_end = outcome.finished + outcome.walltime_remaining
+            if estimate.online_since is not None:
+                estimate.job_seconds = max(estimate.job_seconds or 0.0, estimate.job_end - estimate.online_since)
+
+    def _seen_online(self, facility: str, now: float) -> FacilityEstimate:
+        """Notes a facility (re)appearing: a new job once its last known job has ended."""
+        estimate = self.estimates.setdefault(facility, FacilityEstimate())
+        job_over = estimate.job_end is not None and now >= estimate.job_end
+        if estimate.online_since is None or job_over or estimate.offline_since is not None:
+            if estimate.offline_since is not None or job_over:
+                ended = estimate.offline_since if estimate.offline_since is not None else estimate.job_end
+                estimate.queue_waits.append(now - ended)
+            estimate.online_since, estimate.offline_since = now, None
+            estimate.job_end = now + estimate.job_seconds if estimate.job_seconds else None
+        return estimate

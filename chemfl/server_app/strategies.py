@@ -1,5 +1,6 @@
-"""Strategy selection from the run config: `fedavg` (Flower's own FedAvg, synchronous rounds),
-`fedbuff` and `fedasync` (asynchronous, chemfl.server_app.async_strategies)."""
+"""Strategy selection from the run config: `fedavg` (Flower's own FedAvg, synchronous rounds;
+under virtual-time emulation the same rule run by the push/pull loop), `fedbuff`, `fedasync` and
+`walltime-aware` (asynchronous, chemfl.server_app.async_strategies)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from flwr.serverapp.strategy import FedAvg
 
 from chemfl.errors import ChemFLError
 from chemfl.server_app.aggregation import ServerOptimizer, Staleness
-from chemfl.server_app.async_strategies import FedAsync, FedBuff
+from chemfl.server_app.async_strategies import FedAsync, FedAvgRounds, FedBuff, WalltimeAwareFedBuff
 
 SYNCHRONOUS = ("fedavg",)
-ASYNCHRONOUS = ("fedbuff", "fedasync")
+ASYNCHRONOUS = ("fedbuff", "fedasync", "walltime-aware")
 STRATEGIES = SYNCHRONOUS + ASYNCHRONOUS
 
 RoundListener = Callable[[int, dict], None]
@@ -87,9 +88,12 @@ def make_strategy(config: dict, listener: RoundListener) -> FedAvg:
     )
 
 
-def make_async_strategy(config: dict) -> FedBuff | FedAsync:
-    """FedBuff or FedAsync from the strategy.* and lora.aggregation knobs; bad values are errors."""
+def make_async_strategy(config: dict) -> FedBuff | FedAsync | FedAvgRounds:
+    """The strategy the push/pull loop runs, from the strategy.* and lora.aggregation knobs; bad
+    values are errors. `fedavg` gets here only under virtual-time emulation."""
     name = check_strategy_name(config)
+    if name == "fedavg":
+        return FedAvgRounds(min_nodes=int(config["strategy.min-nodes"]))
     max_staleness = int(config["strategy.max-staleness"])
     try:
         staleness = Staleness(str(config["strategy.staleness"]), float(config["strategy.staleness-a"]),
@@ -100,11 +104,18 @@ def make_async_strategy(config: dict) -> FedBuff | FedAsync:
         if config["lora.aggregation"] == "svd" and config["lora.freeze-a"]:
             raise ValueError("lora.aggregation = \"svd\" needs both A and B; with lora.freeze-a the plain "
                              "average is already exact: use lora.aggregation = \"naive\"")
-        return FedBuff(
+        buffered = dict(
             buffer_size=int(config["strategy.buffer-size"]), staleness=staleness, max_staleness=cutoff,
             optimizer=ServerOptimizer(str(config["strategy.server-optimizer"]), float(config["strategy.server-lr"]),
                                       float(config["strategy.server-beta1"]), float(config["strategy.server-beta2"])),
             lora_aggregation=str(config["lora.aggregation"]),
         )
+        if name == "walltime-aware":
+            return WalltimeAwareFedBuff(
+                **buffered, base_steps=int(config["train.local-steps"]), min_steps=int(config["strategy.min-local-steps"]),
+                max_steps=int(config["strategy.max-local-steps"]), margin_seconds=float(config["strategy.walltime-margin"]),
+                momentum=float(config["strategy.estimate-momentum"]),
+            )
+        return FedBuff(**buffered)
     except ValueError as error:
         raise ChemFLError(f"strategy {name}: {error}") from error

@@ -1,0 +1,249 @@
+"""A Grid in virtual time: real SuperNodes train for real, the campaign decides when.
+
+`EmulatedGrid` wraps Flower's Grid for the asynchronous loop (`get_node_ids`, `push_messages`,
+`pull_messages`, and a `sleep` / `clock` pair the loop is given). Every facility has one
+SuperNode, which is online only while that facility's emulated batch job runs. When a task is
+pushed its virtual completion time is already known (job start-up once per job, per-task overhead,
+steps x seconds per step, adapter transfer both ways):
+- if it ends after the job's walltime, it is never sent: at the walltime end the loop receives an
+  error reply (the work is lost), exactly as a killed SuperNode would produce;
+- otherwise it is sent to the real SuperNode and its completion goes into a priority queue.
+Events (completions, losses, job ends and starts) are released strictly in virtual-time order:
+a completion waits for its real reply, however late the laptop delivers it. Replies carry the
+virtual training seconds and the job's remaining walltime, as the launcher's SuperNodes report.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from chemfl.emulation.campaign import CampaignSpec
+from chemfl.errors import ChemFLError
+
+NODE_UNAVAILABLE = 5  # flwr.common.constant.ErrorCode.NODE_UNAVAILABLE: what a vanished SuperNode produces
+
+# Order of simultaneous events: a task finishing exactly at the walltime end still counts.
+COMPLETION, LOSS, JOB_END, JOB_START = range(4)
+
+
+@dataclass
+class Job:
+    index: int
+    queued: float
+    start: float
+    end: float = 0.0
+    running: bool = False
+    tasks: int = 0  # tasks started in this job (the first pays the start-up cost)
+
+
+@dataclass
+class Task:
+    node_id: int  # virtual
+    facility: str
+    message_id: str
+    real_message_id: str | None  # None: never sent, lost at the walltime end
+    steps: int
+    done: float
+
+
+@dataclass
+class EmulatedReply:
+    """What the loop reads from a reply: metadata, content or error."""
+
+    metadata: SimpleNamespace
+    content: RecordDict | None = None
+    error: SimpleNamespace | None = None
+
+    def has_error(self) -> bool:
+        return self.error is not None
+
+
+def discover_facilities(grid: Grid, expected: int, timeout: float = 120.0, poll: float = 0.2) -> dict[int, str]:
+    """{real node id: facility} by asking each SuperNode (the ClientApp's query handler)."""
+    deadline = time.monotonic() + timeout
+    node_ids = list(grid.get_node_ids())
+    while len(node_ids) < expected and time.monotonic() < deadline:
+        time.sleep(poll)
+        node_ids = list(grid.get_node_ids())
+    if len(node_ids) < expected:
+        raise ChemFLError(f"virtual-time emulation needs one SuperNode per facility ({expected}); only "
+                          f"{len(node_ids)} connected in {timeout:.0f} s")
+    replies = grid.send_and_receive(
+        [Message(RecordDict(), dst_node_id=node, message_type="query") for node in node_ids], timeout=timeout)
+    facility_of = {}
+    for reply in replies:
+        if reply.has_error():
+            raise ChemFLError(f"SuperNode {reply.metadata.src_node_id} did not say its facility: {reply.error.reason}")
+        facility_of[reply.metadata.src_node_id] = str(reply.content["node"]["facility"])
+    return facility_of
+
+
+@dataclass
+class EmulatedGrid:
+    grid: Grid
+    campaign: CampaignSpec
+    real_node_of: dict[str, int]  # facility -> real SuperNode id
+    default_steps: int
+    record: Callable[[dict], None]  # one metrics.jsonl line
+    poll_seconds: float = 0.05
+    now: float = 0.0
+    jobs: dict[str, Job] = field(default_factory=dict)
+    in_flight: dict[str, Task] = field(default_factory=dict)  # by message id
+    arrived: dict[str, Message] = field(default_factory=dict)  # real replies waiting for their turn
+    released: list[EmulatedReply] = field(default_factory=list)  # replies due, not yet pulled
+    _events: list = field(default_factory=list)
+    _seq: itertools.count = field(default_factory=itertools.count)
+
+    def __post_init__(self) -> None:
+        missing = [f.name for f in self.campaign.facilities if f.name not in self.real_node_of]
+        if missing:
+            raise ChemFLError(f"no SuperNode serves facility {', '.join(missing)}")
+        for facility in self.campaign.facilities:
+            self._queue_job(facility.name, 0, 0.0)
+
+    # --- what the loop calls -------------------------------------------------------------------
+
+    def node_id(self, facility: str) -> int:
+        """Stable virtual node ids 1..N in facility order (real ids change from run to run)."""
+        return 1 + [f.name for f in self.campaign.facilities].index(facility)
+
+    def facility_of(self, node_id: int) -> str:
+        return self.campaign.facilities[node_id - 1].name
+
+    def clock(self) -> float:
+        return self.now
+
+    def get_node_ids(self) -> list[int]:
+        return [self.node_id(name) for name, job in self.jobs.items() if job.running]
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        return [self._push(message) for message in messages]
+
+    def pull_messages(self, message_ids: list[str]) -> list[EmulatedReply]:
+        if self.released:
+            return [self.released.pop(0)]
+        self._collect_real_replies()
+        reply = self._step()
+        return [reply] if reply is not None else []
+
+    def sleep(self, seconds: float) -> None:
+        """The loop found nothing to do: wait for the laptop only when the next event is a real
+        completion not yet delivered; otherwise time moves on to that event at once."""
+        del seconds  # virtual time does not pass by waiting
+        if self._waiting_for_real_reply():
+            time.sleep(self.poll_seconds)
+            return
+        reply = self._step()
+        if reply is not None:
+            self.released.append(reply)
+
+    def finish(self) -> None:
+        """Close the books: running jobs end now (for node-hour accounting)."""
+        for name, job in self.jobs.items():
+            self.record({"event": "job", "facility": name, "job": job.index, "state": "ended", "time": self.now,
+                         "nodes": 1, "reason": "campaign end" if job.running else "campaign end (still queued)"})
+
+    # --- tasks ---------------------------------------------------------------------------------
+
+    def _push(self, message: Message) -> str:
+        node_id = message.metadata.dst_node_id
+        facility = self.facility_of(node_id)
+        job = self.jobs[facility]
+        if not job.running:
+            raise ChemFLError(f"dispatched to {facility}, whose emulated batch job is not running")
+        model = self.campaign.facility(facility)
+        config = message.content["config"]
+        steps = int(config.get("local-steps", self.default_steps))
+        adapter_bytes = message.content["arrays"].count_bytes()
+        duration = ((model.startup_seconds if job.tasks == 0 else 0.0) + self.campaign.task_overhead_seconds
+                    + steps * model.seconds_per_step + self.campaign.transfer_seconds(adapter_bytes))
+        job.tasks += 1
+        done = self.now + duration
+        message_id = f"virtual-{next(self._seq)}"
+        if done <= job.end:
+            message.metadata.dst_node_id = self.real_node_of[facility]
+            [real_id] = list(self.grid.push_messages([message]))
+            self.in_flight[message_id] = Task(node_id, facility, message_id, real_id, steps, done)
+            self._schedule(done, COMPLETION, message_id)
+        else:  # cannot finish before the walltime: lost when the job ends, so not trained at all
+            self.in_flight[message_id] = Task(node_id, facility, message_id, None, steps, job.end)
+            self._schedule(job.end, LOSS, message_id)
+        return message_id
+
+    def _collect_real_replies(self) -> None:
+        pending = {t.real_message_id: t.message_id for t in self.in_flight.values()
+                   if t.real_message_id is not None and t.message_id not in self.arrived}
+        if pending:
+            for reply in self.grid.pull_messages(list(pending)):
+                self.arrived[pending[reply.metadata.reply_to_message_id]] = reply
+
+    def _waiting_for_real_reply(self) -> bool:
+        if not self._events:
+            return False
+        _, kind, _, payload = self._events[0]
+        if kind == COMPLETION and payload not in self.arrived:
+            self._collect_real_replies()
+            return payload not in self.arrived
+        return False
+
+    def _complete(self, task: Task) -> EmulatedReply:
+        real = self.arrived.pop(task.message_id)
+        metadata = SimpleNamespace(src_node_id=task.node_id, reply_to_message_id=task.message_id)
+        if real.has_error():
+            return EmulatedReply(metadata, error=SimpleNamespace(code=real.error.code, reason=real.error.reason))
+        content = real.content
+        content["metrics"]["seconds"] = task.steps * self.campaign.facility(task.facility).seconds_per_step
+        content["node"]["walltime-remaining"] = self.jobs[task.facility].end - self.now
+        return EmulatedReply(metadata, content=content)
+
+    # --- events --------------------------------------------------------------------------------
+
+    def _schedule(self, at: float, kind: int, payload) -> None:
+        heapq.heappush(self._events, (at, kind, next(self._seq), payload))
+
+    def _step(self) -> EmulatedReply | None:
+        """Release the next event if it is ready; a reply for completions and losses."""
+        if not self._events or self._waiting_for_real_reply():
+            return None
+        at, kind, _, payload = heapq.heappop(self._events)
+        self.now = max(self.now, at)
+        if kind == COMPLETION:
+            return self._complete(self.in_flight.pop(payload))
+        if kind == LOSS:
+            task = self.in_flight.pop(payload)
+            return EmulatedReply(
+                SimpleNamespace(src_node_id=task.node_id, reply_to_message_id=task.message_id),
+                error=SimpleNamespace(code=NODE_UNAVAILABLE,
+                                      reason=f"walltime: {task.facility}'s batch job ended before the task finished"))
+        if kind == JOB_START:
+            self._start_job(payload)
+        else:
+            self._end_job(payload)
+        return None
+
+    def _queue_job(self, facility: str, index: int, queued: float) -> None:
+        start = queued + self.campaign.queue_wait(facility, index)
+        self.jobs[facility] = Job(index, queued, start)
+        self.record({"event": "job", "facility": facility, "job": index, "state": "queued", "time": queued, "nodes": 1})
+        self._schedule(start, JOB_START, facility)
+
+    def _start_job(self, facility: str) -> None:
+        job = self.jobs[facility]
+        job.running, job.end = True, job.start + self.campaign.facility(facility).walltime
+        self.record({"event": "job", "facility": facility, "job": job.index, "state": "running", "time": self.now,
+                     "nodes": 1})
+        self._schedule(job.end, JOB_END, facility)
+
+    def _end_job(self, facility: str) -> None:
+        job = self.jobs[facility]
+        self.record({"event": "job", "facility": facility, "job": job.index, "state": "ended", "time": self.now,
+                     "nodes": 1})
+        self._queue_job(facility, job.index + 1, self.now)  # the launcher resubmits at once
