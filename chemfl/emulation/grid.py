@@ -98,7 +98,6 @@ class EmulatedGrid:
     jobs: dict[str, Job] = field(default_factory=dict)
     in_flight: dict[str, Task] = field(default_factory=dict)  # by message id
     arrived: dict[str, Message] = field(default_factory=dict)  # real replies waiting for their turn
-    released: list[EmulatedReply] = field(default_factory=list)  # replies due, not yet pulled
     _events: list = field(default_factory=list)
     _seq: itertools.count = field(default_factory=itertools.count)
 
@@ -122,28 +121,28 @@ class EmulatedGrid:
         return self.now
 
     def get_node_ids(self) -> list[int]:
-        return [self.node_id(name) for name, job in self.jobs.items() if job.running]
+        # A job at its walltime end is gone, even before its end event is processed.
+        return [self.node_id(name) for name, job in self.jobs.items() if job.running and job.end > self.now]
 
     def push_messages(self, messages: list[Message]) -> list[str]:
         return [self._push(message) for message in messages]
 
     def pull_messages(self, message_ids: list[str]) -> list[EmulatedReply]:
-        if self.released:
-            return [self.released.pop(0)]
+        """At most one reply: the next event, if it is a delivered completion or a loss."""
         self._collect_real_replies()
-        reply = self._step()
-        return [reply] if reply is not None else []
+        if not self._events or self._events[0][1] not in (COMPLETION, LOSS) or self._waiting_for_real_reply():
+            return []
+        return [self._step()]
 
     def sleep(self, seconds: float) -> None:
-        """The loop found nothing to do: wait for the laptop only when the next event is a real
-        completion not yet delivered; otherwise time moves on to that event at once."""
+        """The loop found nothing to do: wait for the laptop when the next event is a completion not
+        yet delivered; move the clock to the next job start or end otherwise (one event, so the loop
+        can dispatch at that very time)."""
         del seconds  # virtual time does not pass by waiting
         if self._waiting_for_real_reply():
             time.sleep(self.poll_seconds)
-            return
-        reply = self._step()
-        if reply is not None:
-            self.released.append(reply)
+        elif self._events and self._events[0][1] in (JOB_START, JOB_END):
+            self._step()
 
     def finish(self) -> None:
         """Close the books: running jobs end now (for node-hour accounting)."""
@@ -210,9 +209,7 @@ class EmulatedGrid:
         heapq.heappush(self._events, (at, kind, next(self._seq), payload))
 
     def _step(self) -> EmulatedReply | None:
-        """Release the next event if it is ready; a reply for completions and losses."""
-        if not self._events or self._waiting_for_real_reply():
-            return None
+        """Apply the next event; a reply for completions and losses."""
         at, kind, _, payload = heapq.heappop(self._events)
         self.now = max(self.now, at)
         if kind == COMPLETION:

@@ -199,7 +199,7 @@ class AsyncRun:
         if flight is None or flight.message_id != reply.metadata.reply_to_message_id:
             return  # a reply to work already written off
         if reply.has_error():
-            self._lose(node_id, f"error {reply.error.code}: {reply.error.reason}")
+            self._lose(node_id, f"{reply.error.reason} (error {reply.error.code})")
             return
         del self.in_flight[node_id]
         content = reply.content
