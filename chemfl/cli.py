@@ -12,6 +12,7 @@ from pathlib import Path
 from chemfl.config import resolve
 from chemfl.data_prep import cli as data_cli
 from chemfl.errors import ChemFLError
+from chemfl.launcher import cli as launch_cli
 from chemfl.report import cli as report_cli
 
 
@@ -19,11 +20,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="chemfl", description="Federated LoRA fine-tuning of chemistry LLMs across supercomputers."
     )
-    verbs = parser.add_subparsers(dest="room", required=True, metavar="{data,simulate,eval,report}")
+    verbs = parser.add_subparsers(dest="room", required=True, metavar="{data,simulate,eval,report,launch}")
     data_cli.register(verbs)
     register_simulate(verbs)
     register_eval(verbs)
     report_cli.register(verbs)
+    launch_cli.register(verbs)
     args = parser.parse_args(argv)
     try:
         return args.handler(args)

@@ -85,6 +85,7 @@ DEFAULTS: dict[str, Scalar] = {
     "eval.batch-size": 16,
     "eval.node-generate-per-task": 0,
     "outputs.dir": "outputs",
+    "outputs.keep-every-adapter": True,
     "emulation.slowdown": "",
     "emulation.virtual-time": False,
     "emulation.campaign": "",

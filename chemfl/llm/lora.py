@@ -101,7 +101,8 @@ def save_adapter(peft_model, folder: Path) -> Path:
     """PEFT-format adapter at `folder` (written beside it, then renamed into place)."""
     staging = io.staging_dir(Path(folder))
     try:
-        peft_model.save_pretrained(str(staging))
+        # LoRA never changes the base embeddings (even with lm_head as a target): do not copy them.
+        peft_model.save_pretrained(str(staging), save_embedding_layers=False)
         io.replace_dir(staging, Path(folder))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -228,23 +228,23 @@ class FacilityEstimate:
 
 @dataclass
 class WalltimeAwareFedBuff(FedBuff):
-    """Walltime-aware FedBuff: buffered asynchronous aggregation that plans every task around
-    each facility's batch job, from what the facilities report (after FedCompass, Li et al.,
-    ICLR 2024, and FedQueue's walltime budget, arXiv 2605.02125).
+    """Walltime-aware FedBuff: buffered asynchronous aggregation that plans every task around its
+    facility's batch job, from what the facilities report (the walltime budget of FedQueue,
+    arXiv 2605.02125, on top of FedBuff, Nguyen et al., AISTATS 2022).
 
-    - Equal-duration tasks: the task time is `base_steps` steps of the fastest facility seen;
-      facility i gets Q_i = that time / its measured seconds per step, within [min_steps, max_steps],
-      so slow facilities return as soon as fast ones and their updates are less stale.
-    - Walltime fit: with J = job end - now - expected overhead - `margin_seconds`, Q_i <= J / s_i; a
-      task that cannot reach `min_steps` before the job ends is not sent (no lost work); when the
-      time left after this task would be too short for another, this one takes it (up to max_steps).
+    - Walltime fit: with J = job end - now - expected overhead - `margin_seconds` and s_i the
+      facility's measured seconds per step, a task gets min(base_steps, J / s_i) steps; a task that
+      cannot reach `min_steps` before the job ends is not sent (no lost work); when the time left
+      after this task would be too short for another, this one takes it (up to `max_steps`).
     - Buffer size follows the queues: K_t = min(K, facilities online), so a version does not wait
-      for updates from jobs that are still queued (observed queue waits are kept per facility).
+      for updates from jobs that are still queued.
     - Updates are weighted by staleness and dropped past `max_staleness`, as in FedBuff.
 
-    A facility's first task, before anything is known, gets `base_steps` (or fewer to fit a job end
-    extrapolated from its earlier jobs). In deployments the remaining walltime comes from the
-    launcher's SuperNodes; estimates are relearned after a resume.
+    Seconds per step and per-task overhead (start-up, model load, transfer) are moving averages of
+    what replies report; the job end comes from the remaining walltime in each reply (the launcher's
+    SuperNodes report it; so does the emulated grid). Before a facility's first reply nothing is
+    known and it gets `base_steps`; a later job's end is extrapolated from the length of the
+    earlier ones. Estimates and observed queue waits are relearned after a resume.
     """
 
     base_steps: int = 8
@@ -276,18 +276,13 @@ class WalltimeAwareFedBuff(FedBuff):
     def plan_steps(self, facility: str, now: float) -> int | None:
         """Local steps for a task sent now, or None when no useful task fits before the job ends."""
         estimate = self._seen_online(facility, now)
-        known = [e.seconds_per_step for e in self.estimates.values() if e.seconds_per_step]
         step_seconds = estimate.seconds_per_step
-        steps = self.base_steps
-        if step_seconds:
-            steps = round(self.base_steps * min(known) / step_seconds)
-        steps = min(max(steps, self.min_steps), self.max_steps)
         if estimate.job_end is None or not step_seconds:
-            return steps
+            return self.base_steps
         fits = int((estimate.job_end - now - estimate.overhead_seconds - self.margin_seconds) // step_seconds)
         if fits < self.min_steps:
             return None
-        steps = min(steps, fits)
+        steps = min(self.base_steps, fits)
         if fits - steps < self.min_steps + estimate.overhead_seconds / step_seconds:
             steps = min(fits, self.max_steps)  # the tail would be too short for another task: use it now
         return steps

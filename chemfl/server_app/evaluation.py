@@ -22,7 +22,7 @@ class CentralEvaluator:
     `evaluate_state` serves both run loops; called as Flower's `evaluate_fn` (FedAvg: round 0 and
     after every round) it evaluates at round 0, every `eval.every` rounds and at the last round,
     and appends one metrics.jsonl line per call (round, wall time, train loss, facilities, bytes,
-    eval). Each evaluated adapter is saved as outputs/<run>/adapter-<step name>-<n>, and as
+    eval). Each evaluated adapter is saved as outputs/<run>/adapter-<step name>-<n> (unless outputs.keep-every-adapter = false), and as
     outputs/<run>/adapter (the latest evaluated one, i.e. the final one at the end).
     """
 
@@ -32,6 +32,7 @@ class CentralEvaluator:
         self.max_length = int(config["train.max-length"])
         self.system_prompt = str(config["model.system-prompt"])
         self.every = int(config["eval.every"])
+        self.keep_every_adapter = bool(config["outputs.keep-every-adapter"])
         self.num_rounds = num_rounds
         self.rounds = rounds  # filled by the strategy's listener
         self.history: list[dict] = []
@@ -43,7 +44,8 @@ class CentralEvaluator:
         result = evaluate(self.session.model, self.session.tokenizer, self.test_records, self.spec,
                           self.max_length, self.system_prompt)
         result["seconds"] = time.perf_counter() - started
-        self.outputs.save_adapter(self.session.model, f"adapter-{step_name}-{step}")
+        if self.keep_every_adapter:
+            self.outputs.save_adapter(self.session.model, f"adapter-{step_name}-{step}")
         self.outputs.save_adapter(self.session.model, "adapter")
         self.history.append({step_name: step, "eval": result})
         return result

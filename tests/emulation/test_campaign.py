@@ -155,15 +155,6 @@ def test_walltime_aware_plan_fits_the_reported_walltime():
     assert strategy.estimates["polaris"].queue_waits == [600.0]
 
 
-def test_walltime_aware_sizes_tasks_to_equal_duration_across_speeds():
-    from chemfl.server_app.async_strategies import TaskOutcome
-
-    strategy = WalltimeAwareFedBuff(base_steps=6, min_steps=2, max_steps=15)
-    strategy.observe(TaskOutcome(1, "fast", 0.0, 360.0, steps=6, train_seconds=360.0))
-    strategy.observe(TaskOutcome(2, "slow", 0.0, 720.0, steps=6, train_seconds=720.0))
-    assert strategy.plan_steps("fast", 800.0) == 6 and strategy.plan_steps("slow", 800.0) == 3
-
-
 def test_fedavg_rounds_wait_for_every_dispatched_node_and_average_by_examples():
     lines, _, _ = run_campaign(campaign(), FedAvgRounds(min_nodes=1), hours=8)
     updates = [l for l in lines if l["event"] in ("update", "lost")]

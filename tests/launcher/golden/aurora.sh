@@ -35,28 +35,52 @@ export CHEMFL_JOB_END_TIME=$(( $(date +%s) + 21600 ))  # walltime 06:00:00
 CHEMFL_JOB_ID=${PBS_JOBID:-$$}
 export CHEMFL_JOB_ID=${CHEMFL_JOB_ID%%.*}  # 123456.<pbs server> -> 123456
 export CHEMFL_STOP_MARGIN=120
+# A SuperNode refused at activation is retried this long (seconds), every CHEMFL_REFUSED_PAUSE s.
+export CHEMFL_REFUSED_RETRY=${CHEMFL_REFUSED_RETRY:-180} CHEMFL_REFUSED_PAUSE=${CHEMFL_REFUSED_PAUSE:-10}
 export ZE_FLAT_DEVICE_HIERARCHY=FLAT  # one device per tile, so ZE_AFFINITY_MASK=i picks tile i
 
 # --- One SuperNode, in the foreground: index $1 in this job (0..23), GPU tile $2 on this node.
 # ZE_AFFINITY_MASK pins it to that GPU tile; its own runtime port and FLWR_HOME (node-local) keep it
-# apart from the SuperNodes beside it; timeout stops it CHEMFL_STOP_MARGIN s before the job's end.
+# apart from the SuperNodes beside it; timeout stops it CHEMFL_STOP_MARGIN s before the job's end
+# (--foreground keeps it in the job's process group, so that killing the job's group reaches the SuperNode).
+# The SuperLink refuses a SuperNode ("code: 2004" in its log, Flower exit code 305) whose key is still
+# online from an earlier SuperNode that ended uncleanly (a killed job), until that one misses two
+# heartbeats (~60 s), and one whose key is not registered: retry for CHEMFL_REFUSED_RETRY s, then give up.
 start_supernode() {
   local index=$1 gpu=$2
   local flwr_home="${TMPDIR:-/tmp}/chemfl-${CHEMFL_JOB_ID}-${index}"
-  local seconds_left=$(( CHEMFL_JOB_END_TIME - $(date +%s) - CHEMFL_STOP_MARGIN ))
-  if (( seconds_left <= 0 )); then
-    echo "chemfl: SuperNode ${index} not started: the job ends in under ${CHEMFL_STOP_MARGIN} s" >&2
-    return 1
-  fi
+  local output="${flwr_home}/supernode.out"  # this attempt's output, also in the job's log
+  local seconds_left status refused_since=0
   mkdir -p "$flwr_home"
-  FLWR_HOME="$flwr_home" ZE_AFFINITY_MASK="$gpu" timeout --signal=TERM --kill-after=30 "$seconds_left" \
-    flower-supernode \
-      --superlink fl.example.org:443 \
-      --root-certificates "$HOME/chemfl/certs/ca.crt" \
-      --auth-supernode-private-key "$HOME/chemfl/keys/aurora-${index}" \
-      --port $(( 9094 + gpu )) \
-      --node-config "facility='aurora' data-path='/lus/flare/projects/MyProject/chemfl/partitions/aurora' data-slice='${index}/24' job-end-time=${CHEMFL_JOB_END_TIME}" \
-    || [[ $? -eq 124 ]]  # 124: timeout stopped it on schedule
+  while true; do
+    seconds_left=$(( CHEMFL_JOB_END_TIME - $(date +%s) - CHEMFL_STOP_MARGIN ))
+    if (( seconds_left <= 0 )); then
+      echo "chemfl: SuperNode ${index} not started: the job ends in under ${CHEMFL_STOP_MARGIN} s" >&2
+      return 1
+    fi
+    status=0
+    FLWR_HOME="$flwr_home" ZE_AFFINITY_MASK="$gpu" timeout --signal=TERM --kill-after=30 --foreground "$seconds_left" \
+      flower-supernode \
+        --superlink fl.example.org:443 \
+        --root-certificates "$HOME/chemfl/certs/ca.crt" \
+        --auth-supernode-private-key "$HOME/chemfl/keys/aurora-${index}" \
+        --port $(( 9094 + gpu )) \
+        --node-config "facility='aurora' data-path='/lus/flare/projects/MyProject/chemfl/partitions/aurora' data-slice='${index}/24' job-end-time=${CHEMFL_JOB_END_TIME}" \
+      2>&1 | tee "$output" || status=$?
+    if (( status == 0 || status == 124 )); then  # 124: timeout stopped it on schedule
+      return 0
+    fi
+    if grep -q "code: 2004" "$output"; then
+      (( refused_since > 0 )) || refused_since=$(date +%s)
+      if (( $(date +%s) - refused_since < CHEMFL_REFUSED_RETRY )); then
+        echo "chemfl: SuperNode ${index} refused by the SuperLink; retrying in ${CHEMFL_REFUSED_PAUSE} s" >&2
+        sleep "$CHEMFL_REFUSED_PAUSE"
+        continue
+      fi
+      echo "chemfl: SuperNode ${index} refused for ${CHEMFL_REFUSED_RETRY} s; is its key registered? (chemfl launch register)" >&2
+    fi
+    return "$status"
+  done
 }
 
 # --- One node's SuperNodes, each in the background; node $1 runs indices $1*12 .. $1*12+11.

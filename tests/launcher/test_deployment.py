@@ -1,0 +1,274 @@
+"""REAL deployment on this machine: `chemfl launch` end to end with the `local` profile.
+
+A real flower-superlink (TLS, SuperNode authentication, a database, runtime dependency installation
+off) set up by `chemfl launch superlink` and started from its superlink.sh; keys registered by
+`chemfl launch register`; three local facilities started and kept alive by `chemfl launch submit
+--watch`; a real `flwr run` of this repository with a tiny model. Mid-run one facility's job is
+killed the way a scheduler kills a job at its walltime (SIGKILL to its process group): the watcher
+resubmits it, the new SuperNode is refused while its key still counts as online and retries until
+it is let in, and the run finishes. A SuperNode with an unregistered key is refused.
+
+Strategy: FedBuff (buffer 2, 2 versions). It keeps stepping on the two facilities that remain while
+the killed one is away. Synchronous FedAvg would hold its round until the killed node's work is
+written off (the node misses two heartbeats, ~60 s) and then wait for min-nodes to be online again,
+i.e. for the restarted SuperNode, which the SuperLink refuses for about a minute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import tomli_w
+
+from chemfl.cli import main
+from chemfl.data_prep.build import BuildSpec, build_dataset
+from chemfl.errors import ChemFLError
+from chemfl.launcher.schedulers import local_pid, process_alive
+from chemfl.launcher.superlink import check_superlink, make_supernode_keys
+from chemfl.launcher.watch import read_events, read_state
+from tests.conftest import make_config
+from tests.tiny import save_tiny_llama
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+FACILITIES = ("a", "b", "c")
+RUN = "deployment"
+
+pytestmark = pytest.mark.skipif(
+    not all((BIN / name).exists() for name in ("flower-superlink", "flower-supernode", "flwr")),
+    reason="Flower's deployment commands are not installed beside this Python",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    if not path.is_file():
+        return f"({path.name}: none)"
+    return f"--- {path.name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+class Processes:
+    """Everything the test starts, stopped at the end whatever happened: process groups (SIGTERM,
+    then SIGKILL), the launch's watcher and every job it ever submitted."""
+
+    def __init__(self) -> None:
+        self.groups: list[subprocess.Popen] = []
+        self.launch_dirs: list[Path] = []
+
+    def start(self, argv: list[str], log: Path, **kwargs) -> subprocess.Popen:
+        with log.open("w") as stream:
+            process = subprocess.Popen(argv, stdout=stream, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       start_new_session=True, **kwargs)
+        self.groups.append(process)
+        return process
+
+    def job_pids(self) -> list[int]:
+        pids = []
+        for launch_dir in self.launch_dirs:
+            if (launch_dir / "launch.jsonl").is_file():
+                pids += [local_pid(e["job_id"]) for e in read_events(launch_dir / "launch.jsonl")
+                         if e["event"] in ("submitted", "resubmitted")]
+        return pids
+
+    def stop_all(self) -> None:
+        for launch_dir in self.launch_dirs:
+            if launch_dir.is_dir():
+                (launch_dir / "launch.stop").touch()  # the watcher submits nothing more
+        for pid in [process.pid for process in reversed(self.groups)] + self.job_pids():
+            try:
+                os.killpg(pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + 15
+        for process in self.groups:
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for pid in [process.pid for process in self.groups] + self.job_pids():
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for process in self.groups:
+            if process.poll() is None:
+                process.wait(10)
+
+
+@pytest.fixture
+def processes() -> Iterator[Processes]:
+    started = Processes()
+    try:
+        yield started
+    finally:
+        started.stop_all()
+
+
+def wait_for(predicate: Callable[[], object], seconds: float, what: str, logs: Callable[[], str]) -> object:
+    deadline = time.monotonic() + seconds
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} (waited {seconds:.0f} s)\n{logs()}")
+        time.sleep(0.5)
+
+
+def updates(metrics: Path) -> list[dict]:
+    if not metrics.is_file():
+        return []
+    lines = []
+    for line in metrics.read_text().splitlines():
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:  # the line being written
+            continue
+    return [line for line in lines if line.get("event") == "update"]
+
+
+def test_REAL_deployment_survives_a_killed_facility_job(tmp_path: Path, processes: Processes):
+    started = time.monotonic()
+    # --- data, model, facilities file -----------------------------------------------------------
+    data = tmp_path / "data"
+    config = make_config(facilities=",".join(FACILITIES))
+    build_dataset(BuildSpec.from_config(config), data)
+    model = save_tiny_llama(tmp_path / "tiny-llama")
+    port = free_port()
+    server, launch = tmp_path / "server", tmp_path / "launch"
+    processes.launch_dirs.append(launch)
+    facilities_file = tmp_path / "facilities.toml"
+    facilities_file.write_text(tomli_w.dumps({
+        "superlink": {"address": f"127.0.0.1:{port}", "root-certificates": str(server / "certs" / "ca.crt"),
+                      "keys-dir": str(server / "keys")},
+        "facilities": {name: {"profile": "local", "walltime": "00:15:00", "data-path": str(data / "partitions" / name),
+                              "max-resubmits": 2, "resubmit-backoff": 1} for name in FACILITIES},
+    }))
+    cli_home = tmp_path / "flwr-cli"  # the connection `flwr run` and `register` use
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "TMPDIR": str(tmp_path / "tmp"),
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "CHEMFL_REFUSED_PAUSE": "3"}  # the jobs' scripts retry a refused SuperNode every 3 s (default 10)
+    (tmp_path / "tmp").mkdir()
+
+    def logs() -> str:
+        job_logs = sorted(launch.glob("*.log")) if launch.is_dir() else []
+        return "\n".join(tail(path) for path in [tmp_path / "run.log", tmp_path / "superlink.log",
+                                                  tmp_path / "watcher.log", *job_logs, tmp_path / "rogue.log"])
+
+    # --- the SuperLink: certificates, keys, superlink.sh, connection, registration ----------------
+    assert main(["launch", "superlink", str(facilities_file), "--out", str(server), "--port", str(port),
+                 "--bind", "127.0.0.1", "--connection", "chemfl-test", "--flwr-home", str(cli_home)]) == 0
+    processes.start(["bash", str(server / "superlink.sh")], tmp_path / "superlink.log", cwd=tmp_path,
+                    env={**env, "FLWR_HOME": str(tmp_path / "superlink-home")})
+
+    def superlink_up() -> bool:
+        try:
+            check_superlink(f"127.0.0.1:{port}", server / "certs" / "ca.crt", insecure=False, timeout=1)
+        except ChemFLError:
+            return False
+        return True
+
+    wait_for(superlink_up, 30, "flower-superlink did not start", logs)
+    assert main(["launch", "register", str(server)]) == 0
+
+    # A SuperNode whose key was never registered is refused (it runs beside the rest and is checked at the end).
+    rogue = make_supernode_keys(tmp_path / "rogue", ["rogue-0"])["rogue-0"]
+    rogue_node = processes.start(
+        [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}", "--root-certificates",
+         str(server / "certs" / "ca.crt"), "--auth-supernode-private-key", str(rogue.private_key),
+         "--port", str(free_port()), "--node-config", f"data-path='{data / 'partitions' / 'a'}'"],
+        tmp_path / "rogue.log", env={**env, "FLWR_HOME": str(tmp_path / "rogue-home")},
+    )
+
+    # --- the facilities' jobs, kept alive by the watcher ------------------------------------------
+    launched_at = time.monotonic()
+    watcher = processes.start(
+        [sys.executable, "-m", "chemfl.cli", "launch", "submit", str(facilities_file), "--out", str(launch),
+         "--watch", "--poll", "1"], tmp_path / "watcher.log", cwd=tmp_path, env=env,
+    )
+    wait_for(lambda: (launch / "launch-state.json").is_file() and all(
+        entry["state"] == "running" for entry in read_state(launch)["facilities"].values()), 30,
+        "the watcher did not start the three jobs", logs)
+
+    # --- the run ------------------------------------------------------------------------------------
+    run_config = {
+        "run-name": RUN, "outputs.dir": str(tmp_path / "outputs"),
+        "data.path": str(data), "data.max-molecules": config["data.max-molecules"],
+        "data.facilities": ",".join(FACILITIES),
+        "model.name": model, "model.gguf-file": "", "model.cache-dir": str(tmp_path / "cache"),
+        "lora.r": 4, "lora.alpha": 8,
+        "train.local-steps": 2, "train.batch-size": 2, "train.max-length": 128,
+        "strategy.name": "fedbuff", "strategy.num-versions": 2, "strategy.buffer-size": 2,
+        "eval.every": 0, "eval.loss-per-task": 2, "eval.generate-per-task": 0,
+    }
+    (tmp_path / "run.toml").write_text(tomli_w.dumps(run_config))
+    run = processes.start(
+        [str(BIN / "flwr"), "run", str(REPO_ROOT), "chemfl-test", "--run-config", str(tmp_path / "run.toml"),
+         "--stream"], tmp_path / "run.log", cwd=tmp_path, env={**env, "FLWR_HOME": str(cli_home)},
+    )
+    metrics = tmp_path / "outputs" / RUN / "metrics.jsonl"
+    first = wait_for(lambda: updates(metrics), 150, "no update reached the server", logs)[0]
+    first_update_after = time.monotonic() - launched_at
+
+    # --- kill the job of the facility that just replied (it has new work in flight) ----------------
+    victim = first["facility"]
+    job = read_state(launch)["facilities"][victim]["job_id"]
+    os.killpg(local_pid(job), signal.SIGKILL)
+    killed_at = time.monotonic()
+
+    def restarted() -> bool:
+        events = [(e["facility"], e["event"], e["job_id"]) for e in read_events(launch / "launch.jsonl")]
+        return (victim, "ended", job) in events and any(
+            facility == victim and event == "resubmitted" for facility, event, _ in events)
+
+    wait_for(restarted, 30, f"the watcher did not resubmit {victim}'s killed job", logs)
+
+    # --- the run still finishes --------------------------------------------------------------------
+    wait_for(lambda: run.poll() is not None, 240, "flwr run did not finish", logs)
+    assert run.returncode == 0, logs()
+    run_dir = tmp_path / "outputs" / RUN
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file(), logs()
+    versions = [json.loads(line)["version"] for line in metrics.read_text().splitlines()
+                if json.loads(line)["event"] == "version"]
+    assert versions == [0, 1, 2]
+    accepted = [update for update in updates(metrics) if update["accepted"]]
+    assert len(accepted) == 2 * 2 and {u["facility"] for u in accepted} >= set(FACILITIES) - {victim}
+
+    # --- the resubmitted job: refused while the killed SuperNode's key still counted as online, then let in
+    resubmitted_log = launch / f"{victim}.sh.1.log"
+    wait_for(lambda: "SuperNode ID:" in resubmitted_log.read_text(errors="replace"), 150 - (time.monotonic() - killed_at),
+             f"{victim}'s restarted SuperNode was never let in", logs)
+    text = resubmitted_log.read_text(errors="replace")
+    assert "refused by the SuperLink; retrying" in text, logs()
+    assert text.index("code: 2004") < text.index("SuperNode ID:")
+
+    # --- the unregistered key was refused ------------------------------------------------------------
+    wait_for(lambda: rogue_node.poll() is not None, 30, "the unregistered SuperNode was not refused", logs)
+    assert rogue_node.returncode != 0
+    rogue_log = (tmp_path / "rogue.log").read_text(errors="replace")
+    assert "Failed to activate SuperNode" in rogue_log and "Exit Code: 305" in rogue_log
+    assert "SuperNode ID:" not in rogue_log
+
+    # --- stop: the watcher exits and every job is cancelled ------------------------------------------
+    assert main(["launch", "stop", str(launch)]) == 0
+    wait_for(lambda: watcher.poll() is not None, 30, "the watcher did not exit", logs)
+    assert watcher.returncode == 0, logs()
+    wait_for(lambda: not any(process_alive(pid) for pid in processes.job_pids()), 30, "jobs outlived stop", logs)
+    events = read_events(launch / "launch.jsonl")
+    assert sorted(e["facility"] for e in events if e["event"] == "cancelled") == sorted(FACILITIES)
+    print(f"first update {first_update_after:.0f} s after submission; killed {victim}; "
+          f"whole test {time.monotonic() - started:.0f} s")
