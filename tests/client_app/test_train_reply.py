@@ -90,3 +90,34 @@ def test_tampered_shard_is_refused_before_training(setup, tmp_path):
         train(message(setup), context(setup, {"data-path": str(shard)}))
     with pytest.raises(ChemFLError, match="not a ChemFL shard"):
         train(message(setup), context(setup, {"data-path": str(tmp_path)}))
+
+
+def message_with(config, **sent):
+    msg = message(config)
+    for key, value in sent.items():
+        msg.content["config"][key] = value
+    return msg
+
+
+def test_the_server_sets_each_tasks_local_steps(setup):
+    reply = train(message_with(setup, **{"local-steps": 3}), context(setup, {"partition-id": 0, "num-partitions": 2}))
+    assert reply.content["metrics"]["steps"] == 3
+
+
+def test_supernodes_of_one_facility_train_on_disjoint_slices(setup):
+    shard = f"{setup['data.path']}/partitions/polaris"
+    whole = train(message(setup), context(setup, {"data-path": shard}))
+    halves = [train(message(setup), context(setup, {"data-path": shard, "data-slice": f"{i}/2"})) for i in range(2)]
+    sizes = [reply.content["metrics"]["num-examples"] for reply in halves]
+    assert sum(sizes) == whole.content["metrics"]["num-examples"] and abs(sizes[0] - sizes[1]) <= 1
+    for bad in ("2/2", "x/3", "1"):
+        with pytest.raises(ChemFLError, match="data-slice"):
+            train(message(setup), context(setup, {"data-path": shard, "data-slice": bad}))
+
+
+def test_replies_carry_the_batch_jobs_remaining_walltime(setup):
+    import time
+
+    end = time.time() + 1800
+    reply = train(message(setup), context(setup, {"partition-id": 0, "num-partitions": 2, "job-end-time": end}))
+    assert 1700 < reply.content["node"]["walltime-remaining"] <= 1800
