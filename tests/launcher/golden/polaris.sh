@@ -55,7 +55,7 @@ start_supernode() {
     seconds_left=$(( CHEMFL_JOB_END_TIME - $(date +%s) - CHEMFL_STOP_MARGIN ))
     if (( seconds_left <= 0 )); then
       echo "chemfl: SuperNode ${index} not started: the job ends in under ${CHEMFL_STOP_MARGIN} s" >&2
-      return 1
+      return 0  # out of time, not a failure: like a SuperNode stopped on schedule
     fi
     status=0
     FLWR_HOME="$flwr_home" CUDA_VISIBLE_DEVICES="$gpu" timeout --signal=TERM --kill-after=30 --foreground "$seconds_left" \
@@ -83,12 +83,18 @@ start_supernode() {
 }
 
 # --- One node's SuperNodes, each in the background; node $1 runs indices $1*4 .. $1*4+3.
+# The node fails (and so the job) if any of its SuperNodes failed (crashed, or refused for good).
 start_node() {
-  local node=$1 gpu
+  local node=$1 gpu pid failed=0
+  local pids=()
   for gpu in {0..3}; do
     start_supernode $(( node * 4 + gpu )) "$gpu" &
+    pids+=("$!")
   done
-  wait
+  for pid in "${pids[@]}"; do
+    wait "$pid" || failed=1
+  done
+  return "$failed"
 }
 
 start_node 0
