@@ -222,8 +222,7 @@ class FacilityEstimate:
     job_end: float | None = None  # when its current batch job ends (arrival + reported remaining walltime)
     job_seconds: float | None = None  # how long its jobs run, from the first job it was seen in
     online_since: float | None = None  # start of the job it is in, as far as the server saw
-    queue_waits: list[float] = field(default_factory=list)  # offline gaps between its jobs
-    offline_since: float | None = None
+    offline_since: float | None = None  # its last job ended with work lost
 
 
 @dataclass
@@ -244,7 +243,8 @@ class WalltimeAwareFedBuff(FedBuff):
     what replies report; the job end comes from the remaining walltime in each reply (the launcher's
     SuperNodes report it; so does the emulated grid). Before a facility's first reply nothing is
     known and it gets `base_steps`; a later job's end is extrapolated from the length of the
-    earlier ones. Estimates and observed queue waits are relearned after a resume.
+    earlier ones. Estimates are relearned after a resume. Queue waits are not predicted: K_t reacts
+    to who is online instead.
     """
 
     base_steps: int = 8
@@ -309,9 +309,6 @@ class WalltimeAwareFedBuff(FedBuff):
         estimate = self.estimates.setdefault(facility, FacilityEstimate())
         job_over = estimate.job_end is not None and now >= estimate.job_end
         if estimate.online_since is None or job_over or estimate.offline_since is not None:
-            if estimate.offline_since is not None or job_over:
-                ended = estimate.offline_since if estimate.offline_since is not None else estimate.job_end
-                estimate.queue_waits.append(now - ended)
             estimate.online_since, estimate.offline_since = now, None
             estimate.job_end = now + estimate.job_seconds if estimate.job_seconds else None
         return estimate

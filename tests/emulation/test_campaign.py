@@ -152,7 +152,7 @@ def test_walltime_aware_plan_fits_the_reported_walltime():
     assert strategy.plan_steps("polaris", 1250.0) is None
     # After the job's end the facility is in a new job, as long as its last one (1400 s): the default again.
     assert strategy.plan_steps("polaris", 2000.0) == 5
-    assert strategy.estimates["polaris"].queue_waits == [600.0]
+    assert strategy.estimates["polaris"].job_end == 2000.0 + 1400.0
 
 
 def test_fedavg_rounds_wait_for_every_dispatched_node_and_average_by_examples():
