@@ -110,6 +110,15 @@ def last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
+def submit_script(argv: list[str], script: Path) -> str:
+    """Run a submit command from the script's folder; the job id is its last output line."""
+    result = run_command(argv, cwd=script.parent)
+    job_id = last_line(result.stdout)
+    if result.returncode != 0 or not job_id:
+        raise command_failure(argv, result)
+    return job_id
+
+
 # --- PBS Pro ---------------------------------------------------------------------------------------
 
 PBS_QUEUED = frozenset("QHWTM")  # queued, held, waiting for its start time, in transit, moved
@@ -185,12 +194,7 @@ class PbsScheduler:
     exit_codes: dict[str, int] = field(default_factory=dict)
 
     def submit(self, script: Path) -> str:
-        argv = ["qsub", str(script)]
-        result = run_command(argv, cwd=script.parent)
-        job_id = last_line(result.stdout)
-        if result.returncode != 0 or not job_id:
-            raise command_failure(argv, result)
-        return job_id
+        return submit_script(["qsub", str(script)], script)
 
     def state(self, job_id: str) -> JobState:
         # -x includes finished jobs, whose Exit_status we keep for the event log.
@@ -242,12 +246,7 @@ class SlurmScheduler:
     submit_command: str = "sbatch"
 
     def submit(self, script: Path) -> str:
-        argv = ["sbatch", "--parsable", str(script)]
-        result = run_command(argv, cwd=script.parent)
-        job_id = last_line(result.stdout)
-        if result.returncode != 0 or not job_id:
-            raise command_failure(argv, result)
-        return job_id
+        return submit_script(["sbatch", "--parsable", str(script)], script)
 
     def state(self, job_id: str) -> JobState:
         number, cluster = split_slurm_job_id(job_id)
