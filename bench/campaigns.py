@@ -1,7 +1,7 @@
 """Every strategy on both emulated four-facility campaigns, with the same seeds: the table of ratios.
 
     python bench/campaigns.py [--target-loss 3.8] [--hours 24] [--campaigns emulated,spikes]
-                              [--strategies fedavg,fedasync,fedbuff,walltime-aware] [--seed 0]
+                              [--strategies fedavg,fedasync,fedbuff,walltime-aware] [--seed 0] [--reuse]
 
 Each run is `chemfl simulate recipes/four-facilities-<campaign>.toml` with strategy.name set,
 stopping at the target test loss or after `--hours` virtual hours. Time is virtual (the campaign's
@@ -28,8 +28,11 @@ PROJECT = Path(__file__).resolve().parents[1]
 BASELINES = ("fedavg", "fedasync", "fedbuff")
 
 
-def run_one(campaign: str, strategy: str, target: float, hours: float, seed: int) -> tuple[Path, float]:
+def run_one(campaign: str, strategy: str, target: float, hours: float, seed: int, reuse: bool) -> tuple[Path, float]:
     name = f"bench-{campaign}-{strategy}"
+    finished = PROJECT / "outputs" / name / "metrics.jsonl"
+    if reuse and finished.is_file() and "campaign end" in finished.read_text():
+        return PROJECT / "outputs" / name, float("nan")
     overrides = {"strategy.name": strategy, "run-name": name, "strategy.target-loss": target,
                  "strategy.max-seconds": hours * 3600.0, "emulation.seed": seed}
     started = time.perf_counter()
@@ -48,6 +51,7 @@ def main() -> None:
     parser.add_argument("--campaigns", default="emulated,spikes")
     parser.add_argument("--strategies", default="fedavg,fedasync,fedbuff,walltime-aware")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reuse", action="store_true", help="read finished run folders again instead of rerunning")
     args = parser.parse_args()
     table = Table(title=f"Time to test loss {args.target_loss} on emulated four-facility campaigns "
                         f"(seed {args.seed}, at most {args.hours:g} virtual hours)")
@@ -57,7 +61,7 @@ def main() -> None:
     for campaign in args.campaigns.split(","):
         rows = {}
         for strategy in args.strategies.split(","):
-            folder, seconds = run_one(campaign, strategy, args.target_loss, args.hours, args.seed)
+            folder, seconds = run_one(campaign, strategy, args.target_loss, args.hours, args.seed, args.reuse)
             rows[strategy] = (summarize(read_run(folder), args.target_loss), seconds)
         reached = {s: summary.time_to_target for s, (summary, _) in rows.items()}
         baseline_times = [reached[s] for s in BASELINES if reached.get(s) is not None]

@@ -15,7 +15,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from chemfl.errors import ChemFLError
 from chemfl.server_app.aggregation import ServerOptimizer, Staleness
-from chemfl.server_app.async_strategies import FedAsync, FedAvgRounds, FedBuff, WalltimeAwareFedBuff
+from chemfl.server_app.async_strategies import FedAsync, FedAvgRounds, FedBuff, WalltimeAware
 
 SYNCHRONOUS = ("fedavg",)
 ASYNCHRONOUS = ("fedbuff", "fedasync", "walltime-aware")
@@ -101,21 +101,21 @@ def make_async_strategy(config: dict) -> FedBuff | FedAsync | FedAvgRounds:
         cutoff = None if max_staleness < 0 else max_staleness
         if name == "fedasync":
             return FedAsync(alpha=float(config["strategy.fedasync-alpha"]), staleness=staleness, max_staleness=cutoff)
+        if name == "walltime-aware":
+            return WalltimeAware(
+                alpha=float(config["strategy.fedasync-alpha"]), staleness=staleness, max_staleness=cutoff,
+                base_steps=int(config["train.local-steps"]), min_steps=int(config["strategy.min-local-steps"]),
+                max_steps=int(config["strategy.max-local-steps"]), margin_seconds=float(config["strategy.walltime-margin"]),
+                momentum=float(config["strategy.estimate-momentum"]),
+            )
         if config["lora.aggregation"] == "svd" and config["lora.freeze-a"]:
             raise ValueError("lora.aggregation = \"svd\" needs both A and B; with lora.freeze-a the plain "
                              "average is already exact: use lora.aggregation = \"naive\"")
-        buffered = dict(
+        return FedBuff(
             buffer_size=int(config["strategy.buffer-size"]), staleness=staleness, max_staleness=cutoff,
             optimizer=ServerOptimizer(str(config["strategy.server-optimizer"]), float(config["strategy.server-lr"]),
                                       float(config["strategy.server-beta1"]), float(config["strategy.server-beta2"])),
             lora_aggregation=str(config["lora.aggregation"]),
         )
-        if name == "walltime-aware":
-            return WalltimeAwareFedBuff(
-                **buffered, base_steps=int(config["train.local-steps"]), min_steps=int(config["strategy.min-local-steps"]),
-                max_steps=int(config["strategy.max-local-steps"]), margin_seconds=float(config["strategy.walltime-margin"]),
-                momentum=float(config["strategy.estimate-momentum"]),
-            )
-        return FedBuff(**buffered)
     except ValueError as error:
         raise ChemFLError(f"strategy {name}: {error}") from error

@@ -13,7 +13,7 @@ from chemfl.emulation.campaign import CampaignSpec
 from chemfl.emulation.grid import EmulatedGrid
 from chemfl.errors import ChemFLError
 from chemfl.server_app.async_loop import AsyncRun, AsyncSpec, StopRule
-from chemfl.server_app.async_strategies import FedAsync, FedAvgRounds, FedBuff, WalltimeAwareFedBuff
+from chemfl.server_app.async_strategies import FedAsync, FedAvgRounds, FedBuff, WalltimeAware
 from chemfl.server_app.checkpoint import AsyncState
 from tests.emulation.real_grid import FACILITIES, ShuffledGrid
 
@@ -128,17 +128,17 @@ def test_replayed_trace_reproduces_its_queue_waits(tmp_path):
 
 
 def test_walltime_aware_never_loses_work_and_skips_what_cannot_finish():
-    lines, _, _ = run_campaign(campaign(), WalltimeAwareFedBuff(buffer_size=3, base_steps=5, min_steps=2, max_steps=15),
+    lines, _, _ = run_campaign(campaign(), WalltimeAware(base_steps=5, min_steps=2, max_steps=15),
                                hours=12)
     assert not [l for l in lines if l["event"] == "lost"]
-    baseline, _, _ = run_campaign(campaign(), FedBuff(buffer_size=3), hours=12)
+    baseline, _, _ = run_campaign(campaign(), FedAsync(), hours=12)
     assert [l for l in baseline if l["event"] == "lost"]  # the same campaign does lose work without planning
     updates = [l for l in lines if l["event"] == "update"]
     assert {l["steps"] for l in updates} - {5}  # tasks were sized, not all default
 
 
 def test_walltime_aware_plan_fits_the_reported_walltime():
-    strategy = WalltimeAwareFedBuff(base_steps=5, min_steps=2, max_steps=15, margin_seconds=30)
+    strategy = WalltimeAware(base_steps=5, min_steps=2, max_steps=15, margin_seconds=30)
     from chemfl.server_app.async_strategies import TaskOutcome
 
     assert strategy.plan_steps("polaris", 0.0) == 5  # nothing known yet: the default task
