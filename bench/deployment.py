@@ -116,6 +116,7 @@ def main() -> None:
                       FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
     env = dict(os.environ)
     groups: list[subprocess.Popen] = []
+    load_before = os.getloadavg()[0]
 
     def start(argv: list[str], log: str, **kwargs) -> subprocess.Popen:
         with (scratch / log).open("w") as stream:
@@ -190,6 +191,7 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
 
+    load_after = os.getloadavg()[0]
     lines = metrics_lines(metrics)
     updates = [line for line in lines if line["event"] == "update"]
     outside = [u["arrival_time"] - u["dispatch_time"] - u["train_seconds"] for u in updates]
@@ -225,6 +227,8 @@ def main() -> None:
     table.add_row("base model, bf16", mb(parameters * 2), f"adapter = {adapter / (parameters * 2):.2%} of it")
     table.add_row("base model, checkpoint as shipped", mb(checkpoint_file.stat().st_size),
                   f"{gguf} (GGUF Q4_1); adapter = {adapter / checkpoint_file.stat().st_size:.2%} of it")
+    table.add_row("load average (1 min)", f"{load_before:.1f} / {load_after:.1f}",
+                  f"at launch / at the end, on {os.cpu_count()} cores: other work on the machine stretches every time above")
     Console(width=150).print(table)
     if args.keep:
         print(f"logs and outputs: {scratch}")

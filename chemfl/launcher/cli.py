@@ -29,6 +29,7 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from chemfl.errors import ChemFLError
 from chemfl.launcher.facilities import (
@@ -38,6 +39,10 @@ from chemfl.launcher.facilities import (
     supernode_count,
     supernode_key_name,
 )
+
+if TYPE_CHECKING:
+    from chemfl.launcher.schedulers import JobTarget
+    from chemfl.launcher.superlink import RegisterReport
 
 SETUP_FILE = "superlink.json"  # what `launch superlink` set up, for `launch register`
 SCRIPT_FILE = "superlink.sh"
@@ -407,7 +412,7 @@ def _shown(path: Path) -> str:
 # --- register --------------------------------------------------------------------------------------
 
 
-def register_keys(server: Path, flwr_home: Path | None = None):
+def register_keys(server: Path, flwr_home: Path | None = None) -> RegisterReport:
     """`flwr supernode register` for each key of the set-up in `server`; returns the RegisterReport."""
     from chemfl.launcher.superlink import check_superlink, register_supernodes
 
@@ -483,6 +488,11 @@ def check_schedulers(facilities: list[Facility]) -> None:
             except ChemFLError as error:
                 raise ChemFLError(f"facility {facility.name}: {error} (or --dry-run to only write the scripts, "
                                   f"or --only the facilities this machine can submit to)") from None
+        # A local job runs with this environment: without setup lines, flower-supernode must be on PATH here.
+        if facility.profile.scheduler == "local" and not facility.setup and shutil.which("flower-supernode") is None:
+            raise ChemFLError(f"facility {facility.name}: its job runs flower-supernode, which is not on PATH here; "
+                              "activate the environment chemfl is installed in (source .venv/bin/activate), or add "
+                              'setup = ["source /path/to/.venv/bin/activate"] to the facility')
 
 
 def check_superlink_from_here(plan: LaunchPlan, root_certificates: Path | None) -> str:
@@ -524,7 +534,7 @@ def write_launch_scripts(plan: LaunchPlan, facilities: list[Facility], launch_di
     return rendered
 
 
-def job_targets(plan: LaunchPlan, rendered: list[Rendered]):
+def job_targets(plan: LaunchPlan, rendered: list[Rendered]) -> list[JobTarget]:
     from chemfl.launcher.render import render_body
     from chemfl.launcher.schedulers import JobTarget
 
@@ -641,7 +651,10 @@ def run_status(args: argparse.Namespace) -> int:
     _require_launch(args.launch_dir)
     rows = status(args.launch_dir)
     now = time.time()
-    table = Table(title=f"launch {args.launch_dir}")
+    pid = watcher_pid(args.launch_dir)
+    # Without a watcher the saved states age: ask the schedulers (read-only) what the jobs do now.
+    current = {} if pid else current_states(rows)
+    table = Table(title=f"{args.launch_dir}: {len(rows)} facilities")
     for column in ("facility", "backend", "job", "state", "attempts", "last event", "queue wait"):
         table.add_column(column, justify="right" if column in ("attempts", "queue wait") else "left")
     events_path = Path(args.launch_dir) / EVENTS_FILE
@@ -653,6 +666,8 @@ def run_status(args: argparse.Namespace) -> int:
         state = row["state"]
         if state == "waiting" and row["resubmit_at"] is not None:
             state += f" (resubmit in {max(0, round(row['resubmit_at'] - now))} s)"
+        if current.get(row["facility"], state) != state:
+            state += f", now {current[row['facility']]}"
         facility_waits = waits.get(row["facility"]) or []
         wait = f"{sum(facility_waits) / len(facility_waits):.0f} s" if facility_waits else "-"
         table.add_row(row["facility"], row["backend"], row["job_id"] or "-", state, str(row["attempts"]), last, wait)
@@ -660,10 +675,10 @@ def run_status(args: argparse.Namespace) -> int:
     if not console.is_terminal:  # logs and pipes: room for the table
         console.width = 120
     console.print(table)
-    pid = watcher_pid(args.launch_dir)
     updated = _ago(now - read_state(args.launch_dir)["updated"])
     console.print(f"watcher: running (pid {pid}); states as of its last poll, {updated}" if pid else
-                  f"watcher: not running, so ended jobs are not resubmitted; states as of {updated}")
+                  f"watcher: not running, so ended jobs are not resubmitted; states saved {updated}"
+                  + (", 'now' from the scheduler" if current else ""))
     if args.events and events_path.is_file():
         for event in read_events(events_path)[-args.events:]:
             extra = {k: v for k, v in event.items() if k not in ("time", "event", "facility", "backend", "job_id", "attempt")}
@@ -671,6 +686,22 @@ def run_status(args: argparse.Namespace) -> int:
             console.print(f"{stamp} {event['facility']} {event['event']} {event['job_id'] or ''} "
                           f"{json.dumps(extra) if extra else ''}".rstrip(), markup=False, highlight=False)
     return 0
+
+
+def current_states(rows: list[dict]) -> dict[str, str]:
+    """facility -> what its scheduler says of its saved live job now (qstat, squeue, the local pid).
+    Globus tasks are left out: only the process that submitted one can follow it."""
+    from chemfl.launcher.watch import LIVE_STATES, default_backends, describe
+
+    backends = default_backends()
+    states = {}
+    for row in rows:
+        if row["state"] in LIVE_STATES and row["job_id"] and row["backend"] != "globus":
+            try:
+                states[row["facility"]] = backends[row["backend"]].state(row["job_id"])
+            except Exception as error:  # a status display must not fail on one facility's query
+                states[row["facility"]] = f"unknown ({describe(error)})"
+    return states
 
 
 def _require_launch(launch_dir: Path) -> None:

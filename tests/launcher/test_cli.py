@@ -201,6 +201,16 @@ def test_submit_without_the_scheduler_command_errors_first(tmp_path, certs, supe
     assert not out.exists()
 
 
+def test_a_local_job_without_flower_supernode_on_path_errors_first(tmp_path, certs, superlink, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # bash, but no flower-supernode
+    path = facilities_file(tmp_path, f"127.0.0.1:{superlink.port}", certs.ca_cert,
+                           a={"profile": "local", "walltime": "00:10:00", "data-path": str(tmp_path)})
+    out = tmp_path / "launch"
+    assert run_cli("submit", path, "--out", out) == 2
+    assert "flower-supernode, which is not on PATH" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_a_launch_folder_still_in_use_is_refused(tmp_path, fake, certs, superlink, capsys):
     path = facilities_file(tmp_path, f"127.0.0.1:{superlink.port}", certs.ca_cert)
     out = tmp_path / "launch"
@@ -230,9 +240,12 @@ def test_submit_status_stop_with_fake_schedulers(tmp_path, fake, certs, superlin
         ("polaris", "submitted", "1001.fake-pbs-01"), ("perlmutter", "submitted", "1002")]
     assert read_state(out)["watcher_pid"] is None  # without --watch, nobody follows the jobs
 
+    fake.set_state("1002", "RUNNING")
     assert run_cli("status", out) == 0
     table = capsys.readouterr().out
-    assert "1001.fake-pbs-01" in table and "queued" in table and "watcher: not running" in table
+    assert "1001.fake-pbs-01" in table and "watcher: not running" in table
+    assert "queued, now running" in table  # no watcher: the scheduler is asked (squeue)
+    assert fake.commands()[-2:] == ["qstat -x -f 1001.fake-pbs-01", "squeue -h -j 1002 -o %T"]
 
     assert run_cli("stop", out) == 0
     assert "polaris: job 1001.fake-pbs-01 cancelled" in capsys.readouterr().out

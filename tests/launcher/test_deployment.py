@@ -1,4 +1,5 @@
-"""REAL deployment on this machine: `chemfl launch` end to end with the `local` profile.
+"""REAL deployment on this machine: `chemfl launch` end to end with the `local` profile (and, first,
+the job script's retry of a refused SuperNode against a stand-in flower-supernode).
 
 A real flower-superlink (TLS, SuperNode authentication, a database, runtime dependency installation
 off) set up by `chemfl launch superlink` and started from its superlink.sh; keys registered by
@@ -43,7 +44,7 @@ BIN = Path(sys.executable).parent
 FACILITIES = ("a", "b", "c")
 RUN = "deployment"
 
-pytestmark = pytest.mark.skipif(
+needs_flower = pytest.mark.skipif(
     not all((BIN / name).exists() for name in ("flower-superlink", "flower-supernode", "flwr")),
     reason="Flower's deployment commands are not installed beside this Python",
 )
@@ -141,6 +142,59 @@ def updates(metrics: Path) -> list[dict]:
     return [line for line in lines if line.get("event") == "update"]
 
 
+# --- the job script's retry of a refused SuperNode, with a stand-in flower-supernode -----------------
+
+STAND_IN = """#!/bin/bash
+# Refused (as flower-supernode 1.41 prints it) until its REFUSALS are used up, then runs and stops.
+count=$(( $(cat "$ATTEMPTS" 2>/dev/null || echo 0) + 1 ))
+echo "$count" > "$ATTEMPTS"
+if (( count <= REFUSALS )); then
+  echo "ERROR :     Exit Code: 305"
+  echo "[code: 2004] Failed to activate SuperNode."
+  exit 1
+fi
+echo "INFO :      SuperNode ID: 42"
+"""
+
+
+def run_local_script(tmp_path: Path, refusals: int, retry_seconds: int) -> subprocess.CompletedProcess:
+    from chemfl.launcher.facilities import parse_plan
+    from chemfl.launcher.render import render_script
+
+    plan = parse_plan({
+        "superlink": {"address": "127.0.0.1:9092", "root-certificates": str(tmp_path / "ca.crt"),
+                      "keys-dir": str(tmp_path / "keys")},
+        "facilities": {"a": {"profile": "local", "walltime": "00:10:00", "data-path": str(tmp_path)}},
+    })
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "flower-supernode").write_text(STAND_IN)
+    (tmp_path / "bin" / "flower-supernode").chmod(0o755)
+    (tmp_path / "job.sh").write_text(render_script(plan, plan.facilities[0]))
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", "TMPDIR": str(tmp_path),
+           "ATTEMPTS": str(tmp_path / "attempts"), "REFUSALS": str(refusals),
+           "CHEMFL_REFUSED_RETRY": str(retry_seconds), "CHEMFL_REFUSED_PAUSE": "0.2"}
+    return subprocess.run(["bash", str(tmp_path / "job.sh")], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_a_refused_supernode_is_retried_until_let_in(tmp_path):
+    done = run_local_script(tmp_path, refusals=2, retry_seconds=30)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "attempts").read_text().strip() == "3"
+    assert done.stderr.count("chemfl: SuperNode 0 refused by the SuperLink; retrying in 0.2 s") == 2
+    assert "SuperNode ID: 42" in done.stdout  # the SuperNode's output still reaches the job's log
+
+
+def test_a_supernode_refused_for_good_fails_the_job(tmp_path):
+    done = run_local_script(tmp_path, refusals=1000, retry_seconds=1)
+    assert done.returncode == 1
+    assert "refused for 1 s; is its key registered? (chemfl launch register)" in done.stderr
+    assert 2 <= int((tmp_path / "attempts").read_text()) < 20
+
+
+# --- the real deployment -----------------------------------------------------------------------------
+
+
+@needs_flower
 def test_REAL_deployment_survives_a_killed_facility_job(tmp_path: Path, processes: Processes):
     started = time.monotonic()
     # --- data, model, facilities file -----------------------------------------------------------
