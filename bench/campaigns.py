@@ -28,20 +28,21 @@ PROJECT = Path(__file__).resolve().parents[1]
 BASELINES = ("fedavg", "fedasync", "fedbuff")
 
 
-def run_one(campaign: str, strategy: str, target: float, hours: float, seed: int, reuse: bool) -> tuple[Path, float]:
+def run_one(campaign: str, strategy: str, target: float, hours: float, seed: int, reuse: bool,
+            workdir: Path) -> tuple[Path, float]:
     name = f"bench-{campaign}-{strategy}"
-    finished = PROJECT / "outputs" / name / "metrics.jsonl"
+    finished = workdir / "outputs" / name / "metrics.jsonl"
     if reuse and finished.is_file() and "campaign end" in finished.read_text():
-        return PROJECT / "outputs" / name, float("nan")
+        return workdir / "outputs" / name, float("nan")
     overrides = {"strategy.name": strategy, "run-name": name, "strategy.target-loss": target,
                  "strategy.max-seconds": hours * 3600.0, "emulation.seed": seed}
     started = time.perf_counter()
     # One core per ClientApp: two train at once on a 2-core laptop; virtual time makes it irrelevant.
-    result = simulate(PROJECT / "recipes" / f"four-facilities-{campaign}.toml", PROJECT, PROJECT,
+    result = simulate(PROJECT / "recipes" / f"four-facilities-{campaign}.toml", PROJECT, workdir,
                       cpus_per_client=1, capture=True, overrides=overrides)
     if result.returncode != 0:
         raise SystemExit(f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return PROJECT / "outputs" / name, time.perf_counter() - started
+    return workdir / "outputs" / name, time.perf_counter() - started
 
 
 def main() -> None:
@@ -52,6 +53,8 @@ def main() -> None:
     parser.add_argument("--strategies", default="fedavg,fedasync,fedbuff,walltime-aware")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reuse", action="store_true", help="read finished run folders again instead of rerunning")
+    parser.add_argument("--workdir", type=Path, default=PROJECT,
+                        help="where runs start (data/, .cache/, outputs/ relative to it); one per bench running at once")
     args = parser.parse_args()
     table = Table(title=f"Time to test loss {args.target_loss} on emulated four-facility campaigns "
                         f"(seed {args.seed}, at most {args.hours:g} virtual hours)")
@@ -61,7 +64,7 @@ def main() -> None:
     for campaign in args.campaigns.split(","):
         rows = {}
         for strategy in args.strategies.split(","):
-            folder, seconds = run_one(campaign, strategy, args.target_loss, args.hours, args.seed, args.reuse)
+            folder, seconds = run_one(campaign, strategy, args.target_loss, args.hours, args.seed, args.reuse, args.workdir)
             rows[strategy] = (summarize(read_run(folder), args.target_loss), seconds)
         reached = {s: summary.time_to_target for s, (summary, _) in rows.items()}
         baseline_times = [reached[s] for s in BASELINES if reached.get(s) is not None]
