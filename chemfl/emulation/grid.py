@@ -37,7 +37,6 @@ COMPLETION, LOSS, JOB_END, JOB_START = range(4)
 @dataclass
 class Job:
     index: int
-    queued: float
     start: float
     end: float = 0.0
     running: bool = False
@@ -51,7 +50,6 @@ class Task:
     message_id: str
     real_message_id: str | None  # None: never sent, lost at the walltime end
     steps: int
-    done: float
 
 
 @dataclass
@@ -170,10 +168,10 @@ class EmulatedGrid:
         if done <= job.end:
             message.metadata.dst_node_id = self.real_node_of[facility]
             [real_id] = list(self.grid.push_messages([message]))
-            self.in_flight[message_id] = Task(node_id, facility, message_id, real_id, steps, done)
+            self.in_flight[message_id] = Task(node_id, facility, message_id, real_id, steps)
             self._schedule(done, COMPLETION, message_id)
         else:  # cannot finish before the walltime: lost when the job ends, so not trained at all
-            self.in_flight[message_id] = Task(node_id, facility, message_id, None, steps, job.end)
+            self.in_flight[message_id] = Task(node_id, facility, message_id, None, steps)
             self._schedule(job.end, LOSS, message_id)
         return message_id
 
@@ -228,7 +226,7 @@ class EmulatedGrid:
 
     def _queue_job(self, facility: str, index: int, queued: float) -> None:
         start = queued + self.campaign.queue_wait(facility, index)
-        self.jobs[facility] = Job(index, queued, start)
+        self.jobs[facility] = Job(index, start)
         self.record({"event": "job", "facility": facility, "job": index, "state": "queued", "time": queued, "nodes": 1})
         self._schedule(start, JOB_START, facility)
 

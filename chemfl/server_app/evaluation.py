@@ -22,7 +22,8 @@ class CentralEvaluator:
     `evaluate_state` serves both run loops; called as Flower's `evaluate_fn` (FedAvg: round 0 and
     after every round) it evaluates at round 0, every `eval.every` rounds and at the last round,
     and appends one metrics.jsonl line per call (round, wall time, train loss, facilities, bytes,
-    eval). Each evaluated adapter is saved as outputs/<run>/adapter-<step name>-<n> (unless outputs.keep-every-adapter = false), and as
+    eval). Each evaluated adapter is saved as outputs/<run>/adapter-<step name>-<n> (unless
+    outputs.keep-every-adapter = false), and as
     outputs/<run>/adapter (the latest evaluated one, i.e. the final one at the end).
     """
 
