@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ from chemfl.launcher.schedulers import (
     pbs_remaining_walltime,
     process_alive,
 )
-from tests.launcher.fakes import FakeSchedulers, install_fake_schedulers
+from tests.launcher.fakes import FakeSchedulers, install_fake_schedulers, wait_until
 
 
 @pytest.fixture
@@ -34,15 +32,6 @@ def script(tmp_path) -> Path:
     path = launch / "polaris.sh"
     path.write_text("#!/bin/bash\n#PBS -l walltime=01:00:00\necho hello\n")
     return path
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Real processes take a moment to die; wait generously rather than assert on timing."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
 
 
 # --- PBS -------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from chemfl.launcher.watch import (
     status,
     stop,
 )
-from tests.launcher.fakes import FakeSchedulers, install_fake_schedulers
+from tests.launcher.fakes import FakeSchedulers, install_fake_schedulers, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -70,14 +69,6 @@ def events(launch_dir: Path, facility: str | None = None) -> list[dict]:
 
 def summary(launch_dir: Path, facility: str | None = None) -> list[tuple]:
     return [(e["event"], e["job_id"], e["attempt"]) for e in events(launch_dir, facility)]
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
 
 
 def poll_until(watcher: Watcher, launch_dir: Path, event: str) -> None:

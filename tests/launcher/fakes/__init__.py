@@ -7,6 +7,8 @@ job through its states (run it, end it) the way the real scheduler would.
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,3 +56,12 @@ def install_fake_schedulers(monkeypatch: pytest.MonkeyPatch, root: Path) -> Fake
     monkeypatch.delenv("FAKE_SLURM_CLUSTER", raising=False)
     root.mkdir(parents=True, exist_ok=True)
     return FakeSchedulers(root)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Real processes take a moment to die; wait generously rather than assert on timing."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.02)
