@@ -139,3 +139,19 @@ def _coerce(key: str, value: Scalar, default: Scalar) -> Scalar:
 def split_list(value: str) -> list[str]:
     """'a, b,,c' -> ['a', 'b', 'c']: how list-valued knobs are written in TOML strings."""
     return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def parse_facility_numbers(key: str, setting: str, minimum: float) -> dict[str, float]:
+    """`"polaris=2.0, aurora=3"` -> {facility: number}: how per-facility knobs are written."""
+    values: dict[str, float] = {}
+    for item in split_list(setting):
+        name, _, text = item.partition("=")
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not name.strip() or not value >= minimum:
+            raise ChemFLError(f"{key} entry {item!r} must be 'facility=number' with number >= {minimum:g}, "
+                              "e.g. \"polaris=2,aurora=3\"")
+        values[name.strip()] = value
+    return values

@@ -28,11 +28,6 @@ app = ClientApp()
 TRAIN_METRICS = ("num-examples", "train-loss", "steps", "seconds", "tokens-per-second")
 
 
-@lru_cache(maxsize=4)
-def _shard(folder: str) -> Shard:
-    return load_shard(Path(folder))
-
-
 def parse_slice(setting: str) -> tuple[int, int]:
     """Node config `data-slice = "i/n"`: this SuperNode trains on records i, i+n, i+2n, ... of its
     facility's shard, so n SuperNodes of one facility never train on the same examples."""
@@ -46,12 +41,19 @@ def parse_slice(setting: str) -> tuple[int, int]:
     return i, n
 
 
-def _node_shard(config: dict, context: Context) -> Shard:
-    shard = _shard(str(shard_dir_for(str(config["data.path"]), dict(context.node_config))))
-    if "data-slice" not in context.node_config:
+@lru_cache(maxsize=4)
+def _shard(folder: str, data_slice: str) -> Shard:
+    """The shard (a SuperNode's slice of it, with node config data-slice), read once per process."""
+    shard = load_shard(Path(folder))
+    if not data_slice:
         return shard
-    index, count = parse_slice(str(context.node_config["data-slice"]))
+    index, count = parse_slice(data_slice)
     return replace(shard, train=shard.train[index::count])
+
+
+def _node_shard(config: dict, context: Context) -> Shard:
+    folder = shard_dir_for(str(config["data.path"]), dict(context.node_config))
+    return _shard(str(folder), str(context.node_config.get("data-slice", "")))
 
 
 def _node_record(shard: Shard, context: Context) -> ConfigRecord:

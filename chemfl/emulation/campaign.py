@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chemfl.config import Scalar, split_list
+from chemfl.config import Scalar, parse_facility_numbers
 from chemfl.errors import ChemFLError
 
 PER_FACILITY_KEYS = ("emulation.seconds-per-step", "emulation.walltime", "emulation.queue-median",
@@ -21,17 +21,7 @@ PER_FACILITY_KEYS = ("emulation.seconds-per-step", "emulation.walltime", "emulat
 
 def parse_per_facility(key: str, setting: str, facilities: tuple[str, ...], minimum: float) -> dict[str, float]:
     """`"polaris=2.0,aurora=3.1"` -> {facility: value}; every facility listed once, nothing else."""
-    values: dict[str, float] = {}
-    for item in split_list(setting):
-        name, _, text = item.partition("=")
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not name.strip() or not value >= minimum:
-            raise ChemFLError(f"{key} entry {item!r} must be 'facility=number' with number >= {minimum:g}, "
-                              "e.g. \"polaris=2.0,aurora=3.0\"")
-        values[name.strip()] = value
+    values = parse_facility_numbers(key, setting, minimum)
     missing, unknown = sorted(set(facilities) - set(values)), sorted(set(values) - set(facilities))
     if missing or unknown:
         raise ChemFLError(f"{key} must list every facility of data.facilities ({', '.join(facilities)}) once: "

@@ -183,13 +183,8 @@ class EmulatedGrid:
                 self.arrived[pending[reply.metadata.reply_to_message_id]] = reply
 
     def _waiting_for_real_reply(self) -> bool:
-        if not self._events:
-            return False
-        _, kind, _, payload = self._events[0]
-        if kind == COMPLETION and payload not in self.arrived:
-            self._collect_real_replies()
-            return payload not in self.arrived
-        return False
+        """The next event is a completion whose real reply has not been collected yet."""
+        return bool(self._events) and self._events[0][1] == COMPLETION and self._events[0][3] not in self.arrived
 
     def _complete(self, task: Task) -> EmulatedReply:
         real = self.arrived.pop(task.message_id)

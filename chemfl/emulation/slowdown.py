@@ -5,24 +5,12 @@ from __future__ import annotations
 
 import time
 
-from chemfl.config import split_list
-from chemfl.errors import ChemFLError
+from chemfl.config import parse_facility_numbers
 
 
 def parse_slowdown(setting: str) -> dict[str, float]:
     """`emulation.slowdown = "facility=factor,..."` -> {facility: factor}, every factor >= 1."""
-    factors = {}
-    for item in split_list(setting):
-        name, _, factor = item.partition("=")
-        try:
-            value = float(factor)
-        except ValueError:
-            value = 0.0
-        if not name.strip() or value < 1.0:
-            raise ChemFLError(f"emulation.slowdown entry {item!r} must be 'facility=factor' with factor >= 1, "
-                              "e.g. \"polaris=4\"")
-        factors[name.strip()] = value
-    return factors
+    return parse_facility_numbers("emulation.slowdown", setting, 1.0)
 
 
 def emulate_slowdown(setting: str, facility: str, train_seconds: float) -> float:

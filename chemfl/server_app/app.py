@@ -52,11 +52,12 @@ def run_campaign(grid: Grid, campaign: CampaignSpec, config: dict, strategy, sta
     """The loop on an EmulatedGrid: virtual clock, batch jobs, queue waits (no checkpoints: the
     campaign is rerun from its seed instead)."""
     facilities = [f.name for f in campaign.facilities]
-    real = discover_facilities(PromptGrid(grid), len(facilities))
+    grid = PromptGrid(grid)
+    real = discover_facilities(grid, len(facilities))
     outputs.append_metrics({"event": "run", "strategy": str(config["strategy.name"]), "campaign": campaign.name,
                             "seed": campaign.seed, "virtual_time": True,
                             "facilities": {name: {"nodes": 1, "supernodes": 1} for name in facilities}})
-    emulated = EmulatedGrid(PromptGrid(grid), campaign, {facility: node for node, facility in real.items()},
+    emulated = EmulatedGrid(grid, campaign, {facility: node for node, facility in real.items()},
                             int(config["train.local-steps"]), outputs.append_metrics)
     run = AsyncRun(emulated, strategy, state, spec, stop, evaluate, outputs.append_metrics, None, train_config,
                    clock=emulated.clock, sleep=emulated.sleep,

@@ -202,10 +202,10 @@ class FedAvgRounds(EveryIdleNode):
         if self.outstanding > 0 or not self.replies:
             return None
         total = sum(n for _, n in self.replies)
-        averaged = {name: sum(params[name].astype(np.float64) * (n / total) for params, n in self.replies)
-                    .astype(np.asarray(current[name]).dtype) for name in current}
+        # The same weighted sum FedBuff takes of deltas, here of the adapters: sum_k n_k x_k / n.
+        averaged = weighted_mean_of_deltas([p for p, _ in self.replies], [n for _, n in self.replies], total)
         self.replies = []
-        return averaged
+        return {name: value.astype(np.asarray(current[name]).dtype) for name, value in averaged.items()}
 
 
 @dataclass
