@@ -23,7 +23,6 @@ import json
 import math
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -36,23 +35,18 @@ from rich.console import Console
 from rich.table import Table
 
 from chemfl.cli import main as chemfl
-from chemfl.config import resolve
+from chemfl.config import resolve, split_list
 from chemfl.errors import ChemFLError
 from chemfl.launcher.schedulers import local_pid
 from chemfl.launcher.superlink import check_superlink
 from chemfl.launcher.watch import read_events
-from chemfl.llm.model import ModelSpec, _cache_key, resolve_model_path
+from chemfl.llm.model import ModelSpec, materialize_gguf, resolve_model_path
+from chemfl.simulation import free_port
 
 PROJECT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RUN = "bench-deployment"
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def safetensors_tensors(path: Path) -> list[tuple[str, int]]:
@@ -88,7 +82,7 @@ def main() -> None:
     args = parser.parse_args()
 
     data = PROJECT / "data" / "offline"
-    facilities = [name.strip() for name in args.facilities.split(",") if name.strip()]
+    facilities = split_list(args.facilities)
     missing = [name for name in facilities if not (data / "partitions" / name).is_dir()]
     if missing:
         raise SystemExit(f"no shard for {', '.join(missing)} in {data}: run `chemfl data build` first")
@@ -198,7 +192,8 @@ def main() -> None:
     trained = [u["train_seconds"] for u in updates]
     adapter = sum(count * 4 for _, count in safetensors_tensors(scratch / "outputs" / RUN / "adapter" / "adapter_model.safetensors"))
     location, gguf = resolve_model_path(ModelSpec.from_config(config))
-    cached = PROJECT / ".cache" / "chemfl" / "models" / f"{Path(gguf).stem}-{_cache_key(location, gguf)}" / "model.safetensors"
+    # The safetensors copy the run loaded (materialize_gguf returns it, converting only if missing).
+    cached = materialize_gguf(location, gguf, str(config["model.cache-dir"])) / "model.safetensors"
     tensors = safetensors_tensors(cached)
     parameters = sum(count for _, count in tensors)
     checkpoint_file = Path(location) / gguf

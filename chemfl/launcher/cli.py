@@ -23,7 +23,6 @@ import shlex
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 import tomllib
@@ -31,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from chemfl.data_prep.io import write_file_atomically
 from chemfl.errors import ChemFLError
 from chemfl.launcher.facilities import (
     Facility,
@@ -277,7 +277,7 @@ def prepare_superlink(
         enable_supernode_auth=bool(supernodes),
     )
     script = out / SCRIPT_FILE
-    _write_atomically(script, superlink_script(command, out, target.address, bool(supernodes)), 0o755)
+    write_file_atomically(script, superlink_script(command, out, target.address, bool(supernodes)), 0o755)
     sl.write_connection(flwr_home, connection, connection_address, certificates.ca_cert, False)
     setup = SuperLinkSetup(
         out=out, facilities_file=Path(facilities_file).resolve(), address=target.address, hosts=hosts, port=port,
@@ -285,7 +285,7 @@ def prepare_superlink(
         ca_cert=certificates.ca_cert, script=script, command=command, supernodes=supernodes,
         root_certificates_at_facilities=target.root_certificates, keys_dir_at_facilities=target.keys_dir,
     )
-    _write_atomically(out / SETUP_FILE, json.dumps(setup.to_json(), indent=2) + "\n", 0o644)
+    write_file_atomically(out / SETUP_FILE, json.dumps(setup.to_json(), indent=2) + "\n", 0o644)
     return setup
 
 
@@ -346,19 +346,6 @@ def _pairs(words: list[str]) -> list[str]:
         else:
             lines[-1] += " " + item
     return lines
-
-
-def _write_atomically(path: Path, text: str, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.chmod(temporary, mode)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def run_superlink(args: argparse.Namespace) -> int:
@@ -525,11 +512,11 @@ def write_launch_scripts(plan: LaunchPlan, facilities: list[Facility], launch_di
     rendered = []
     for facility in facilities:
         script = launch_dir / f"{facility.name}.sh"
-        _write_atomically(script, render_script(plan, facility), 0o755)
+        write_file_atomically(script, render_script(plan, facility), 0o755)
         body = None
         if facility.backend == "globus":
             body = launch_dir / f"{facility.name}.body.sh"
-            _write_atomically(body, render_body(plan, facility), 0o755)
+            write_file_atomically(body, render_body(plan, facility), 0o755)
         rendered.append(Rendered(facility, script, body))
     return rendered
 

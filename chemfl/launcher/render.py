@@ -9,10 +9,7 @@ local.sh.j2 add each scheduler's directives to it.
 
 from __future__ import annotations
 
-import os
 import posixpath
-import tempfile
-from pathlib import Path
 
 import jinja2
 
@@ -55,27 +52,6 @@ def render_script(plan: LaunchPlan, facility: Facility) -> str:
 def render_body(plan: LaunchPlan, facility: Facility) -> str:
     """The script without scheduler directives, for a job someone else (a Globus endpoint) requested."""
     return TEMPLATES.get_template("body.sh.j2").render(_context(plan, facility))
-
-
-def write_scripts(plan: LaunchPlan, out_dir: str | Path) -> dict[str, Path]:
-    """One executable `<facility>.sh` per facility in out_dir. Each is written to a temporary file and
-    renamed, so a submission never picks up a half-written script."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = {}
-    for facility in plan.facilities:
-        target = out_dir / f"{facility.name}.sh"
-        handle, temporary = tempfile.mkstemp(dir=out_dir, prefix=f".{facility.name}.", suffix=".sh.tmp")
-        try:
-            with os.fdopen(handle, "w") as stream:
-                stream.write(render_script(plan, facility))
-            os.chmod(temporary, 0o755)
-            os.replace(temporary, target)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        written[facility.name] = target
-    return written
 
 
 def stop_margin_seconds(walltime_seconds: int) -> int:

@@ -37,7 +37,6 @@ import re
 import socket
 import ssl
 import subprocess
-import tempfile
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from chemfl.data_prep.io import write_file_atomically
 from chemfl.errors import ChemFLError
 
 # flwr 1.41: SUPERLINK_UVICORN_DEFAULT_PORT (flwr/supercore/constant.py). One port for all APIs.
@@ -96,22 +96,6 @@ class RegisterReport:
 
 
 # --------------------------------------------------------------------------- files
-
-
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    """Write `data` to a temp file beside `path` with `mode`, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _is_local(host: str) -> bool:
@@ -217,8 +201,8 @@ def make_certificates(
             .sign(ca_key, hashes.SHA384())
         )
         # Key first: a crash in between leaves no CA certificate without its key.
-        _atomic_write(paths.ca_key, key_bytes(ca_key), 0o600)
-        _atomic_write(paths.ca_cert, ca_cert.public_bytes(pem), 0o644)
+        write_file_atomically(paths.ca_key, key_bytes(ca_key), 0o600)
+        write_file_atomically(paths.ca_cert, ca_cert.public_bytes(pem), 0o644)
 
     server_key = ec.generate_private_key(ec.SECP384R1())
     sans: list[x509.GeneralName] = [
@@ -252,8 +236,8 @@ def make_certificates(
         )
         .sign(ca_key, hashes.SHA384())
     )
-    _atomic_write(paths.server_key, key_bytes(server_key), 0o600)
-    _atomic_write(paths.server_cert, server_cert.public_bytes(pem), 0o644)
+    write_file_atomically(paths.server_key, key_bytes(server_key), 0o600)
+    write_file_atomically(paths.server_cert, server_cert.public_bytes(pem), 0o644)
     return paths
 
 
@@ -335,7 +319,7 @@ def make_supernode_keys(out_dir: Path, names: list[str]) -> dict[str, KeyPair]:
                 )
         else:
             key = ec.generate_private_key(ec.SECP384R1())
-            _atomic_write(
+            write_file_atomically(
                 pair.private_key,
                 key.private_bytes(
                     serialization.Encoding.PEM,
@@ -350,7 +334,7 @@ def make_supernode_keys(out_dir: Path, names: list[str]) -> dict[str, KeyPair]:
         line = public + f" chemfl-{name}\n".encode()
         existing = pair.public_key.read_bytes() if pair.public_key.exists() else b""
         if existing.split()[:2] != line.split()[:2]:
-            _atomic_write(pair.public_key, line, 0o644)
+            write_file_atomically(pair.public_key, line, 0o644)
         pairs[name] = pair
     return pairs
 
@@ -566,7 +550,7 @@ def write_connection(
     superlink[name] = entry
     if make_default:
         superlink["default"] = name
-    _atomic_write(path, tomli_w.dumps(config).encode("utf-8"), mode)
+    write_file_atomically(path, tomli_w.dumps(config).encode("utf-8"), mode)
     return path
 
 

@@ -24,6 +24,7 @@ from chemfl.launcher.facilities import load_facilities
 from chemfl.launcher.render import render_body, render_script
 from chemfl.launcher.superlink import CertificatePaths, make_certificates
 from chemfl.launcher.watch import read_events, read_state
+from chemfl.simulation import free_port
 from tests.launcher.fakes import FakeSchedulers, install_fake_schedulers
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -77,12 +78,6 @@ def superlink(certs) -> Iterator[TlsListener]:
     listener = TlsListener(certs)
     yield listener
     listener.close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def facilities_file(tmp_path: Path, address: str, ca: Path | str, *, extra: dict | None = None,

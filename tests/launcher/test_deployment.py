@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from chemfl.errors import ChemFLError
 from chemfl.launcher.schedulers import local_pid, process_alive
 from chemfl.launcher.superlink import check_superlink, make_supernode_keys
 from chemfl.launcher.watch import read_events, read_state
+from chemfl.simulation import free_port
 from tests.conftest import make_config
 from tests.tiny import save_tiny_llama
 
@@ -48,12 +48,6 @@ needs_flower = pytest.mark.skipif(
     not all((BIN / name).exists() for name in ("flower-superlink", "flower-supernode", "flwr")),
     reason="Flower's deployment commands are not installed beside this Python",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def tail(path: Path, lines: int = 40) -> str:

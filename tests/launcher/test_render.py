@@ -20,7 +20,8 @@ import pytest
 from flwr.common.config import parse_config_args
 
 from chemfl.launcher.facilities import Facility, LaunchPlan, parse_plan
-from chemfl.launcher.render import render_body, render_script, stop_margin_seconds, write_scripts
+from chemfl.launcher.cli import write_launch_scripts
+from chemfl.launcher.render import render_body, render_script, stop_margin_seconds
 
 GOLDEN = Path(__file__).with_name("golden")
 TLS_SUPERLINK = {"address": "fl.example.org:443", "root-certificates": "~/chemfl/certs/ca.crt", "keys-dir": "~/chemfl/keys"}
@@ -215,7 +216,7 @@ def test_supernodes_stop_before_the_walltime(walltime, margin):
 def test_write_scripts_writes_executable_files_atomically(tmp_path):
     facilities = {name: GOLDEN_FACILITIES[name] for name in ("polaris", "frontier", "perlmutter")}
     plan = parse_plan({"superlink": dict(TLS_SUPERLINK), "facilities": facilities})
-    written = write_scripts(plan, tmp_path / "scripts")
+    written = {r.facility.name: r.script for r in write_launch_scripts(plan, list(plan.facilities), tmp_path / "scripts")}
     assert list(written) == ["polaris", "frontier", "perlmutter"]
     for facility in plan.facilities:
         path = written[facility.name]
