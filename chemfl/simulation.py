@@ -20,6 +20,7 @@ import tomllib
 from pathlib import Path
 
 from chemfl.config import Scalar, resolve, split_list
+from chemfl.data_prep.io import write_file_atomically
 from chemfl.errors import ChemFLError
 
 
@@ -59,9 +60,7 @@ def merged_recipe(recipe: Path, overrides: dict[str, Scalar], folder: Path) -> P
     resolve(values)
     lines = [f"{key} = {toml_literal(value)}" for key, value in values.items()]
     target = folder / f"{recipe.stem}.merged.toml"
-    temporary = target.with_name(f".{target.name}.partial")
-    temporary.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(temporary, target)
+    write_file_atomically(target, "\n".join(lines) + "\n")
     return target
 
 

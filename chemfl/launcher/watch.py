@@ -46,6 +46,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from chemfl.data_prep.io import write_file_atomically
 from chemfl.errors import ChemFLError
 from chemfl.launcher.globus import GlobusBackend
 from chemfl.launcher.schedulers import (
@@ -119,10 +120,8 @@ def read_events(path: Path) -> list[dict]:
 
 
 def write_state(launch_dir: Path, state: dict) -> None:
-    path = Path(launch_dir) / STATE_FILE
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    staging.write_text(json.dumps(state, indent=2), encoding="utf-8")
-    os.replace(staging, path)  # readers in other processes see the old file or the new, never half
+    # Readers in other processes see the old file or the new, never half.
+    write_file_atomically(Path(launch_dir) / STATE_FILE, json.dumps(state, indent=2))
 
 
 def read_state(launch_dir: Path) -> dict:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from chemfl.data_prep.io import write_file_atomically
 from chemfl.errors import ChemFLError
 from chemfl.server_app.async_strategies import FedAsync, FedBuff
 
@@ -84,12 +85,7 @@ class Checkpointer:
             "optimizer_step": strategy.optimizer_state.step if isinstance(strategy, FedBuff) else 0,
             "sequence": self._sequence,
         }
-        temporary = self.folder / f".{STATE}.partial-{os.getpid()}"
-        with temporary.open("w", encoding="utf-8") as handle:
-            json.dump(document, handle, indent=1, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, self.folder / STATE)
+        write_file_atomically(self.folder / STATE, json.dumps(document, indent=1, sort_keys=True))
         keep = {STATE, *files.values(), *(entry["file"] for entry in buffer)}
         for path in self.folder.iterdir():
             if path.name not in keep and not path.name.startswith("."):

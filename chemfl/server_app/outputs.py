@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from chemfl.data_prep.io import write_file_atomically
 from chemfl.errors import ChemFLError
 from chemfl.llm.lora import save_adapter
 
@@ -31,9 +32,7 @@ class RunOutputs:
     def write_json(self, name: str, data: dict) -> Path:
         """Written to a temporary file, then renamed: never half-written."""
         path = self.dir / name
-        temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")
-        temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(temporary, path)
+        write_file_atomically(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
         return path
 
     def append_metrics(self, line: dict) -> None:
