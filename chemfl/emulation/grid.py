@@ -73,7 +73,8 @@ def discover_facilities(grid: Grid, expected: int, timeout: float = 120.0, poll:
         node_ids = list(grid.get_node_ids())
     if len(node_ids) < expected:
         raise ChemFLError(f"virtual-time emulation needs one SuperNode per facility ({expected}); only "
-                          f"{len(node_ids)} connected in {timeout:.0f} s")
+                          f"{len(node_ids)} connected in {timeout:.0f} s: simulate num-supernodes = {expected} "
+                          "(chemfl simulate does by default)")
     replies = grid.send_and_receive(
         [Message(RecordDict(), dst_node_id=node, message_type="query") for node in node_ids], timeout=timeout)
     facility_of = {}
