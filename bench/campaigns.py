@@ -28,18 +28,30 @@ PROJECT = Path(__file__).resolve().parents[1]
 BASELINES = ("fedavg", "fedasync", "fedbuff")
 
 
-def run_one(campaign: str, strategy: str, target: float, hours: float, seed: int, reuse: bool,
-            workdir: Path) -> tuple[Path, float]:
+def run_one(
+    campaign: str, strategy: str, target: float, hours: float, seed: int, reuse: bool, workdir: Path
+) -> tuple[Path, float]:
     name = f"bench-{campaign}-{strategy}"
     finished = workdir / "outputs" / name / "metrics.jsonl"
     if reuse and finished.is_file() and "campaign end" in finished.read_text():
         return workdir / "outputs" / name, float("nan")
-    overrides = {"strategy.name": strategy, "run-name": name, "strategy.target-loss": target,
-                 "strategy.max-seconds": hours * 3600.0, "emulation.seed": seed}
+    overrides = {
+        "strategy.name": strategy,
+        "run-name": name,
+        "strategy.target-loss": target,
+        "strategy.max-seconds": hours * 3600.0,
+        "emulation.seed": seed,
+    }
     started = time.perf_counter()
     # One core per ClientApp: two train at once on a 2-core laptop; virtual time makes it irrelevant.
-    result = simulate(PROJECT / "recipes" / f"four-facilities-{campaign}.toml", PROJECT, workdir,
-                      cpus_per_client=1, capture=True, overrides=overrides)
+    result = simulate(
+        PROJECT / "recipes" / f"four-facilities-{campaign}.toml",
+        PROJECT,
+        workdir,
+        cpus_per_client=1,
+        capture=True,
+        overrides=overrides,
+    )
     if result.returncode != 0:
         raise SystemExit(f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return workdir / "outputs" / name, time.perf_counter() - started
@@ -53,18 +65,37 @@ def main() -> None:
     parser.add_argument("--strategies", default="fedavg,fedasync,fedbuff,walltime-aware")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reuse", action="store_true", help="read finished run folders again instead of rerunning")
-    parser.add_argument("--workdir", type=Path, default=PROJECT,
-                        help="where runs start (data/, .cache/, outputs/ relative to it); one per bench running at once")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=PROJECT,
+        help="where runs start (data/, .cache/, outputs/ relative to it); one per bench running at once",
+    )
     args = parser.parse_args()
-    table = Table(title=f"Time to test loss {args.target_loss} on emulated four-facility campaigns "
-                        f"(seed {args.seed}, at most {args.hours:g} virtual hours)")
-    for column in ("campaign", "strategy", "h to target", "x best baseline", "x fedavg", "node-h spent",
-                   "wasted", "lost at walltime", "versions", "final loss", "real min"):
+    table = Table(
+        title=f"Time to test loss {args.target_loss} on emulated four-facility campaigns "
+        f"(seed {args.seed}, at most {args.hours:g} virtual hours)"
+    )
+    for column in (
+        "campaign",
+        "strategy",
+        "h to target",
+        "x best baseline",
+        "x fedavg",
+        "node-h spent",
+        "wasted",
+        "lost at walltime",
+        "versions",
+        "final loss",
+        "real min",
+    ):
         table.add_column(column, justify="left" if column in ("campaign", "strategy") else "right")
     for campaign in args.campaigns.split(","):
         rows = {}
         for strategy in args.strategies.split(","):
-            folder, seconds = run_one(campaign, strategy, args.target_loss, args.hours, args.seed, args.reuse, args.workdir)
+            folder, seconds = run_one(
+                campaign, strategy, args.target_loss, args.hours, args.seed, args.reuse, args.workdir
+            )
             rows[strategy] = (summarize(read_run(folder), args.target_loss), seconds)
         reached = {s: summary.time_to_target for s, (summary, _) in rows.items()}
         baseline_times = [reached[s] for s in BASELINES if reached.get(s) is not None]
@@ -72,14 +103,23 @@ def main() -> None:
         for strategy, (summary, seconds) in rows.items():
             hours = reached[strategy]
             hours_text = f"{hours / 3600:.2f}" if hours is not None else f"> {args.hours:g}"
-            ratio = lambda reference: f"{hours / reference:.2f}" if hours is not None and reference else "-"
+
+            def ratio(reference: float | None, hours: float | None = hours) -> str:
+                return f"{hours / reference:.2f}" if hours is not None and reference else "-"
+
             spent = summary.total.node_hours
             table.add_row(
-                campaign, strategy, hours_text, ratio(best), ratio(reached.get("fedavg")),
+                campaign,
+                strategy,
+                hours_text,
+                ratio(best),
+                ratio(reached.get("fedavg")),
                 f"{spent.spent:.1f}" if spent else "-",
                 f"{spent.wasted_share:.1%}" if spent and spent.wasted_share is not None else "-",
-                str(summary.total.tally.lost_at_walltime), str(summary.run.versions),
-                f"{summary.final_loss:.3f}" if summary.final_loss is not None else "-", f"{seconds / 60:.1f}",
+                str(summary.total.tally.lost_at_walltime),
+                str(summary.run.versions),
+                f"{summary.final_loss:.3f}" if summary.final_loss is not None else "-",
+                f"{seconds / 60:.1f}",
             )
     Console(width=200).print(table)
 

@@ -19,6 +19,7 @@ task (it is not launch overhead). Reports:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -90,46 +91,94 @@ def main() -> None:
     port = free_port()
     server, launch = scratch / "server", scratch / "launch"
     facilities_file = scratch / "facilities.toml"
-    facilities_file.write_text(tomli_w.dumps({
-        "superlink": {"address": f"127.0.0.1:{port}", "root-certificates": str(server / "certs" / "ca.crt"),
-                      "keys-dir": str(server / "keys")},
-        "facilities": {name: {"profile": "local", "walltime": "01:00:00", "data-path": str(data / "partitions" / name),
-                              "max-resubmits": 0} for name in facilities},
-    }))
+    facilities_file.write_text(
+        tomli_w.dumps(
+            {
+                "superlink": {
+                    "address": f"127.0.0.1:{port}",
+                    "root-certificates": str(server / "certs" / "ca.crt"),
+                    "keys-dir": str(server / "keys"),
+                },
+                "facilities": {
+                    name: {
+                        "profile": "local",
+                        "walltime": "01:00:00",
+                        "data-path": str(data / "partitions" / name),
+                        "max-resubmits": 0,
+                    }
+                    for name in facilities
+                },
+            }
+        )
+    )
     run_config = {
-        "run-name": RUN, "outputs.dir": str(scratch / "outputs"), "data.path": str(data),
+        "run-name": RUN,
+        "outputs.dir": str(scratch / "outputs"),
+        "data.path": str(data),
         "model.cache-dir": str(PROJECT / ".cache" / "chemfl"),
         "train.local-steps": args.local_steps,
-        "strategy.name": "fedbuff", "strategy.num-versions": args.versions, "strategy.buffer-size": args.buffer,
-        "eval.every": 0, "eval.loss-per-task": 1, "eval.generate-per-task": 0,
+        "strategy.name": "fedbuff",
+        "strategy.num-versions": args.versions,
+        "strategy.buffer-size": args.buffer,
+        "eval.every": 0,
+        "eval.loss-per-task": 1,
+        "eval.generate-per-task": 0,
     }
     (scratch / "run.toml").write_text(tomli_w.dumps(run_config))
     config = resolve(run_config)
     # The local jobs `chemfl launch submit` starts from this process inherit its environment.
-    os.environ.update(PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", TMPDIR=str(scratch),
-                      FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    os.environ.update(
+        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        TMPDIR=str(scratch),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+    )
     env = dict(os.environ)
     groups: list[subprocess.Popen] = []
     load_before = os.getloadavg()[0]
 
     def start(argv: list[str], log: str, **kwargs) -> subprocess.Popen:
         with (scratch / log).open("w") as stream:
-            process = subprocess.Popen(argv, stdout=stream, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       start_new_session=True, **kwargs)
+            process = subprocess.Popen(
+                argv,
+                stdout=stream,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                **kwargs,
+            )
         groups.append(process)
         return process
 
     try:
-        quiet = open(os.devnull, "w")
+        quiet = open(os.devnull, "w")  # noqa: SIM115 (closed in the finally below)
         stdout, sys.stdout = sys.stdout, quiet  # the launch commands' own printing
         try:
-            if chemfl(["launch", "superlink", str(facilities_file), "--out", str(server), "--port", str(port),
-                       "--bind", "127.0.0.1", "--connection", "bench", "--flwr-home", str(scratch / "flwr")]):
+            if chemfl(
+                [
+                    "launch",
+                    "superlink",
+                    str(facilities_file),
+                    "--out",
+                    str(server),
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--connection",
+                    "bench",
+                    "--flwr-home",
+                    str(scratch / "flwr"),
+                ]
+            ):
                 raise SystemExit("chemfl launch superlink failed")
         finally:
             sys.stdout = stdout
-        start(["bash", str(server / "superlink.sh")], "superlink.log", cwd=scratch,
-              env={**env, "FLWR_HOME": str(scratch / "superlink-home")})
+        start(
+            ["bash", str(server / "superlink.sh")],
+            "superlink.log",
+            cwd=scratch,
+            env={**env, "FLWR_HOME": str(scratch / "superlink-home")},
+        )
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -137,7 +186,7 @@ def main() -> None:
                 break
             except ChemFLError:
                 if time.monotonic() > deadline:
-                    raise SystemExit("flower-superlink did not start; see " + str(scratch / "superlink.log"))
+                    raise SystemExit("flower-superlink did not start; see " + str(scratch / "superlink.log")) from None
                 time.sleep(0.5)
         sys.stdout = quiet
         try:
@@ -148,8 +197,12 @@ def main() -> None:
             sys.stdout = stdout
         if registered or submitted:
             raise SystemExit("chemfl launch register/submit failed")
-        run = start([str(BIN / "flwr"), "run", str(PROJECT), "bench", "--run-config", str(scratch / "run.toml"),
-                     "--stream"], "run.log", cwd=scratch, env={**env, "FLWR_HOME": str(scratch / "flwr")})
+        run = start(
+            [str(BIN / "flwr"), "run", str(PROJECT), "bench", "--run-config", str(scratch / "run.toml"), "--stream"],
+            "run.log",
+            cwd=scratch,
+            env={**env, "FLWR_HOME": str(scratch / "flwr")},
+        )
 
         metrics = scratch / "outputs" / RUN / "metrics.jsonl"
         connected: dict[str, float] = {}
@@ -175,10 +228,8 @@ def main() -> None:
         else:
             pids = []
         for pid in pids + [process.pid for process in reversed(groups)]:
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
         for process in groups:
             try:
                 process.wait(15)
@@ -190,7 +241,10 @@ def main() -> None:
     updates = [line for line in lines if line["event"] == "update"]
     outside = [u["arrival_time"] - u["dispatch_time"] - u["train_seconds"] for u in updates]
     trained = [u["train_seconds"] for u in updates]
-    adapter = sum(count * 4 for _, count in safetensors_tensors(scratch / "outputs" / RUN / "adapter" / "adapter_model.safetensors"))
+    adapter = sum(
+        count * 4
+        for _, count in safetensors_tensors(scratch / "outputs" / RUN / "adapter" / "adapter_model.safetensors")
+    )
     location, gguf = resolve_model_path(ModelSpec.from_config(config))
     # The safetensors copy the run loaded (materialize_gguf returns it, converting only if missing).
     cached = materialize_gguf(location, gguf, str(config["model.cache-dir"])) / "model.safetensors"
@@ -198,32 +252,66 @@ def main() -> None:
     parameters = sum(count for _, count in tensors)
     checkpoint_file = Path(location) / gguf
 
-    table = Table(title=f"Real deployment on this machine: {len(facilities)} local facilities ({', '.join(facilities)}), "
-                  f"{config['model.name']}, FedBuff {args.versions} versions x K={args.buffer}, "
-                  f"{args.local_steps} local steps, {os.cpu_count()} cores")
+    table = Table(
+        title=f"Real deployment on this machine: {len(facilities)} local facilities ({', '.join(facilities)}), "
+        f"{config['model.name']}, FedBuff {args.versions} versions x K={args.buffer}, "
+        f"{args.local_steps} local steps, {os.cpu_count()} cores"
+    )
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_column("note")
-    table.add_row("launch -> SuperNodes connected", f"{max(connected.values()) - submitted_at:.1f} s" if len(connected) == len(facilities) else "-",
-                  "chemfl launch submit to the last 'SuperNode ID' in the job logs")
-    table.add_row("launch -> server ready", f"{server_ready - submitted_at:.1f} s" if server_ready else "-",
-                  "ServerApp started, data checked, model loaded, version 0 evaluated")
-    table.add_row("launch -> first update at the server", f"{first_update - submitted_at:.1f} s" if first_update else "-",
-                  "metrics.jsonl's first update line")
-    table.add_row("updates", str(len(updates)), ", ".join(f"{name} {sum(u['facility'] == name for u in updates)}" for name in facilities))
-    table.add_row("local training per update", f"{sum(trained) / len(trained):.1f} s ({min(trained):.1f}-{max(trained):.1f})",
-                  "seconds the node reports; mean (range)", end_section=False)
-    table.add_row("outside training per update", f"{sum(outside) / len(outside):.1f} s ({min(outside):.1f}-{max(outside):.1f})",
-                  "arrival - dispatch - training: process start, model load, transfer; mean (range)")
+    table.add_row(
+        "launch -> SuperNodes connected",
+        f"{max(connected.values()) - submitted_at:.1f} s" if len(connected) == len(facilities) else "-",
+        "chemfl launch submit to the last 'SuperNode ID' in the job logs",
+    )
+    table.add_row(
+        "launch -> server ready",
+        f"{server_ready - submitted_at:.1f} s" if server_ready else "-",
+        "ServerApp started, data checked, model loaded, version 0 evaluated",
+    )
+    table.add_row(
+        "launch -> first update at the server",
+        f"{first_update - submitted_at:.1f} s" if first_update else "-",
+        "metrics.jsonl's first update line",
+    )
+    table.add_row(
+        "updates",
+        str(len(updates)),
+        ", ".join(f"{name} {sum(u['facility'] == name for u in updates)}" for name in facilities),
+    )
+    table.add_row(
+        "local training per update",
+        f"{sum(trained) / len(trained):.1f} s ({min(trained):.1f}-{max(trained):.1f})",
+        "seconds the node reports; mean (range)",
+        end_section=False,
+    )
+    table.add_row(
+        "outside training per update",
+        f"{sum(outside) / len(outside):.1f} s ({min(outside):.1f}-{max(outside):.1f})",
+        "arrival - dispatch - training: process start, model load, transfer; mean (range)",
+    )
     table.add_row("share outside training", f"{sum(outside) / (sum(outside) + sum(trained)):.0%}", "over all updates")
-    table.add_row("adapter per update", mb(adapter), f"LoRA r={config['lora.r']} {config['lora.target-modules']}, fp32 as exchanged, each way")
-    table.add_row("base model parameters", f"{parameters / 1e6:.1f} M", f"{len(tensors)} tensors (tied embeddings once)")
+    table.add_row(
+        "adapter per update",
+        mb(adapter),
+        f"LoRA r={config['lora.r']} {config['lora.target-modules']}, fp32 as exchanged, each way",
+    )
+    table.add_row(
+        "base model parameters", f"{parameters / 1e6:.1f} M", f"{len(tensors)} tensors (tied embeddings once)"
+    )
     table.add_row("base model, fp32", mb(parameters * 4), f"adapter = {adapter / (parameters * 4):.2%} of it")
     table.add_row("base model, bf16", mb(parameters * 2), f"adapter = {adapter / (parameters * 2):.2%} of it")
-    table.add_row("base model, checkpoint as shipped", mb(checkpoint_file.stat().st_size),
-                  f"{gguf} (GGUF Q4_1); adapter = {adapter / checkpoint_file.stat().st_size:.2%} of it")
-    table.add_row("load average (1 min)", f"{load_before:.1f} / {load_after:.1f}",
-                  f"at launch / at the end, on {os.cpu_count()} cores: other work on the machine stretches every time above")
+    table.add_row(
+        "base model, checkpoint as shipped",
+        mb(checkpoint_file.stat().st_size),
+        f"{gguf} (GGUF Q4_1); adapter = {adapter / checkpoint_file.stat().st_size:.2%} of it",
+    )
+    table.add_row(
+        "load average (1 min)",
+        f"{load_before:.1f} / {load_after:.1f}",
+        f"at launch / at the end, on {os.cpu_count()} cores: other work on the machine stretches every time above",
+    )
     Console(width=150).print(table)
     if args.keep:
         print(f"logs and outputs: {scratch}")

@@ -33,8 +33,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     config = parse_config_args([args.run_config])
-    config.update({"run-name": "bench-round-overhead", "strategy.num-rounds": args.rounds,
-                   "eval.loss-per-task": 1, "eval.generate-per-task": 0})
+    config.update(
+        {
+            "run-name": "bench-round-overhead",
+            "strategy.num-rounds": args.rounds,
+            "eval.loss-per-task": 1,
+            "eval.generate-per-task": 0,
+        }
+    )
     with tempfile.TemporaryDirectory() as scratch:
         recipe = Path(scratch) / "recipe.toml"
         recipe.write_text(tomli_w.dumps(config))
@@ -49,17 +55,29 @@ def main() -> None:
         table.add_column(column, justify="right")
     for line in rounds:
         outside = line["round_seconds"] - line["node_train_seconds"]
-        table.add_row(str(line["round"]), f"{line['round_seconds']:.1f}", f"{line['node_train_seconds']:.1f}",
-                      f"{outside:.1f}", f"{outside / line['round_seconds']:.1%}")
+        table.add_row(
+            str(line["round"]),
+            f"{line['round_seconds']:.1f}",
+            f"{line['node_train_seconds']:.1f}",
+            f"{outside:.1f}",
+            f"{outside / line['round_seconds']:.1%}",
+        )
     total = sum(line["round_seconds"] for line in rounds)
     trained = sum(line["node_train_seconds"] for line in rounds)
-    table.add_row("[bold]all", f"{total:.1f}", f"{trained:.1f}", f"{total - trained:.1f}", f"{(total - trained) / total:.1%}")
+    table.add_row(
+        "[bold]all", f"{total:.1f}", f"{trained:.1f}", f"{total - trained:.1f}", f"{(total - trained) / total:.1%}"
+    )
     steady = rounds[1:]
     if steady:
         total = sum(line["round_seconds"] for line in steady)
         trained = sum(line["node_train_seconds"] for line in steady)
-        table.add_row("[bold]after round 1", f"{total:.1f}", f"{trained:.1f}", f"{total - trained:.1f}",
-                      f"{(total - trained) / total:.1%}")
+        table.add_row(
+            "[bold]after round 1",
+            f"{total:.1f}",
+            f"{trained:.1f}",
+            f"{total - trained:.1f}",
+            f"{(total - trained) / total:.1%}",
+        )
     Console(width=130).print(table)
 
 

@@ -40,8 +40,7 @@ def run(name: str, base: dict, overrides: dict, clients_at_once: int) -> list[di
     with tempfile.TemporaryDirectory() as scratch:
         recipe = Path(scratch) / "recipe.toml"
         recipe.write_text(tomli_w.dumps(config))
-        completed = simulate(recipe, PROJECT, PROJECT, cpus_per_client=1, clients_at_once=clients_at_once,
-                             capture=True)
+        completed = simulate(recipe, PROJECT, PROJECT, cpus_per_client=1, clients_at_once=clients_at_once, capture=True)
     if completed.returncode != 0:
         raise SystemExit(f"{name} failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}")
     run_dir = PROJECT / str(resolve(config)["outputs.dir"]) / f"bench-{name}"
@@ -60,22 +59,29 @@ def summarise(lines: list[dict], target: float) -> dict:
             train_seconds += line.get("node_train_seconds", 0.0)
             evaluation += line.get("eval", {}).get("seconds", 0.0)
             loss = line.get("eval", {}).get("loss")
-            server = line.get("server_seconds", 0.0)
+            line.get("server_seconds", 0.0)
         elif line["event"] == "version":
             evaluation = line["evaluation_seconds"]
             loss = line.get("eval_loss")
-            server = line["server_seconds"]
+            line["server_seconds"]
         else:
             continue
         if loss is not None and loss <= target and reached is None:
             reached = {"seconds": line["wall_time"] - evaluation, "updates": updates}
     final = [line for line in lines if line["event"] in ("round", "version")][-1]
     final_loss = final.get("eval", {}).get("loss", final.get("eval_loss"))
-    server_total = sum(line.get("server_seconds", 0.0) for line in lines if line["event"] == "round") \
-        if lines[-1]["event"] == "round" else final["server_seconds"]
-    return {"reached": reached, "final_loss": final_loss, "updates": updates,
-            "server_share": server_total / train_seconds if train_seconds else float("nan"),
-            "server_per_update": server_total / max(updates, 1)}
+    server_total = (
+        sum(line.get("server_seconds", 0.0) for line in lines if line["event"] == "round")
+        if lines[-1]["event"] == "round"
+        else final["server_seconds"]
+    )
+    return {
+        "reached": reached,
+        "final_loss": final_loss,
+        "updates": updates,
+        "server_share": server_total / train_seconds if train_seconds else float("nan"),
+        "server_per_update": server_total / max(updates, 1),
+    }
 
 
 def main() -> None:
@@ -86,11 +92,21 @@ def main() -> None:
     parser.add_argument("--clients-at-once", type=int, default=4)
     args = parser.parse_args()
     base = {**parse_config_args([args.run_config]), "emulation.slowdown": args.slow, "eval.loss-per-task": 8}
-    results = {name: summarise(run(name, base, overrides, args.clients_at_once), args.target_loss)
-               for name, overrides in STRATEGIES.items()}
+    results = {
+        name: summarise(run(name, base, overrides, args.clients_at_once), args.target_loss)
+        for name, overrides in STRATEGIES.items()
+    }
     table = Table(title=f"Strategies on {args.run_config}, {args.slow} slower, target test loss {args.target_loss}")
-    for column in ("strategy", "s to target", "x fedavg", "updates to target", "x fedavg", "final loss",
-                   "server s / update", "server / training"):
+    for column in (
+        "strategy",
+        "s to target",
+        "x fedavg",
+        "updates to target",
+        "x fedavg",
+        "final loss",
+        "server s / update",
+        "server / training",
+    ):
         table.add_column(column, justify="right" if column != "strategy" else "left")
     reference = results["fedavg"]["reached"]
     for name, result in results.items():
@@ -98,10 +114,19 @@ def main() -> None:
         if reached is None:
             cells = ["not reached", "", "", ""]
         else:
-            cells = [f"{reached['seconds']:.0f}", f"{reached['seconds'] / reference['seconds']:.2f}" if reference else "",
-                     str(reached["updates"]), f"{reached['updates'] / reference['updates']:.2f}" if reference else ""]
-        table.add_row(name, *cells, f"{result['final_loss']:.3f}", f"{result['server_per_update']:.3f}",
-                      f"{result['server_share']:.2%}")
+            cells = [
+                f"{reached['seconds']:.0f}",
+                f"{reached['seconds'] / reference['seconds']:.2f}" if reference else "",
+                str(reached["updates"]),
+                f"{reached['updates'] / reference['updates']:.2f}" if reference else "",
+            ]
+        table.add_row(
+            name,
+            *cells,
+            f"{result['final_loss']:.3f}",
+            f"{result['server_per_update']:.3f}",
+            f"{result['server_share']:.2%}",
+        )
     Console(width=130).print(table)
 
 

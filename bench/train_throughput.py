@@ -69,8 +69,10 @@ def main() -> None:
                 tokens, seconds = plain_peft_loop(session.model, examples, spec, pad, repeat)
             if repeat:
                 rates[name].append(tokens / seconds)
-    table = Table(title=f"Training throughput, {config['model.name']}, {args.steps} steps x batch "
-                        f"{spec.batch_size}, {torch.get_num_threads()} threads, {args.repeats} repeats")
+    table = Table(
+        title=f"Training throughput, {config['model.name']}, {args.steps} steps x batch "
+        f"{spec.batch_size}, {torch.get_num_threads()} threads, {args.repeats} repeats"
+    )
     for column in ("loop", "tokens/s (median)", "min", "max"):
         table.add_column(column, justify="right" if column != "loop" else "left")
     for name, values in rates.items():

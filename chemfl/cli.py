@@ -36,20 +36,35 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def register_simulate(verbs: argparse._SubParsersAction) -> None:
     simulate = verbs.add_parser(
-        "simulate", help="run a recipe on Flower's simulation engine with a private, managed SuperLink",
+        "simulate",
+        help="run a recipe on Flower's simulation engine with a private, managed SuperLink",
         description="flwr run . --run-config RECIPE --stream, with its own Flower home under .flwr/, "
         "one SuperNode per facility, fresh ports, and the SuperLink stopped at the end.",
     )
     simulate.add_argument("recipe", type=Path, help="e.g. recipes/laptop.toml")
     simulate.add_argument("--app", type=Path, default=Path("."), help="the Flower App folder (default: .)")
     simulate.add_argument("--supernodes", type=int, default=None, help="default: one per facility in the recipe")
-    simulate.add_argument("--cpus-per-client", type=int, default=2,
-                          help="CPU cores per simulated ClientApp (default 2: one at a time on a 2-core laptop)")
-    simulate.add_argument("--clients-at-once", type=int, default=None,
-                          help="run this many ClientApps at once whatever the core count (e.g. 4 with "
-                          "--cpus-per-client 1, so an emulated slow facility does not hold up the others)")
-    simulate.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
-                          help="override one knob of the recipe, e.g. --set strategy.name=fedbuff (repeatable)")
+    simulate.add_argument(
+        "--cpus-per-client",
+        type=int,
+        default=2,
+        help="CPU cores per simulated ClientApp (default 2: one at a time on a 2-core laptop)",
+    )
+    simulate.add_argument(
+        "--clients-at-once",
+        type=int,
+        default=None,
+        help="run this many ClientApps at once whatever the core count (e.g. 4 with "
+        "--cpus-per-client 1, so an emulated slow facility does not hold up the others)",
+    )
+    simulate.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        dest="overrides",
+        help="override one knob of the recipe, e.g. --set strategy.name=fedbuff (repeatable)",
+    )
     simulate.set_defaults(handler=run_simulate)
 
 
@@ -61,13 +76,21 @@ def run_simulate(args: argparse.Namespace) -> int:
     if not (args.app / "pyproject.toml").is_file():
         raise ChemFLError(f"{args.app} is not a Flower App folder (no pyproject.toml); pass --app")
     overrides = parse_overrides(args.overrides)
-    return simulate(args.recipe, args.app, Path.cwd(), args.supernodes, args.cpus_per_client,
-                    args.clients_at_once, overrides=overrides).returncode
+    return simulate(
+        args.recipe,
+        args.app,
+        Path.cwd(),
+        args.supernodes,
+        args.cpus_per_client,
+        args.clients_at_once,
+        overrides=overrides,
+    ).returncode
 
 
 def register_eval(verbs: argparse._SubParsersAction) -> None:
     evaluate = verbs.add_parser(
-        "eval", help="evaluate a saved adapter (loaded with plain peft) on a build's test set",
+        "eval",
+        help="evaluate a saved adapter (loaded with plain peft) on a build's test set",
     )
     evaluate.add_argument("adapter", type=Path, help="e.g. outputs/laptop/adapter")
     evaluate.add_argument("--run-config", metavar="TOML", help="the recipe the adapter was trained with")

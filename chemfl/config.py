@@ -7,11 +7,10 @@ command, which runs without the Flower App around it. tests/test_config.py keeps
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Union
 
 from chemfl.errors import ChemFLError
 
-Scalar = Union[str, int, float, bool]
+Scalar = str | int | float | bool
 
 DEFAULTS: dict[str, Scalar] = {
     "run-name": "laptop",
@@ -130,10 +129,7 @@ def _coerce(key: str, value: Scalar, default: Scalar) -> Scalar:
             return float(value)
     elif isinstance(value, str):
         return value
-    raise ChemFLError(
-        f"config key '{key}' = {value!r} should be a {type(default).__name__} "
-        f"(default {default!r})"
-    )
+    raise ChemFLError(f"config key '{key}' = {value!r} should be a {type(default).__name__} (default {default!r})")
 
 
 def split_list(value: str) -> list[str]:
@@ -151,7 +147,9 @@ def parse_facility_numbers(key: str, setting: str, minimum: float) -> dict[str, 
         except ValueError:
             value = float("nan")
         if not name.strip() or not value >= minimum:
-            raise ChemFLError(f"{key} entry {item!r} must be 'facility=number' with number >= {minimum:g}, "
-                              "e.g. \"polaris=2,aurora=3\"")
+            raise ChemFLError(
+                f"{key} entry {item!r} must be 'facility=number' with number >= {minimum:g}, "
+                'e.g. "polaris=2,aurora=3"'
+            )
         values[name.strip()] = value
     return values

@@ -72,9 +72,17 @@ def toml_literal(value: Scalar) -> str:
     return repr(value)
 
 
-def simulate(recipe: Path, app_dir: Path, workdir: Path, num_supernodes: int | None = None,
-             cpus_per_client: int = 2, clients_at_once: int | None = None, capture: bool = False, timeout: float | None = None,
-             overrides: dict[str, Scalar] | None = None) -> subprocess.CompletedProcess:
+def simulate(
+    recipe: Path,
+    app_dir: Path,
+    workdir: Path,
+    num_supernodes: int | None = None,
+    cpus_per_client: int = 2,
+    clients_at_once: int | None = None,
+    capture: bool = False,
+    timeout: float | None = None,
+    overrides: dict[str, Scalar] | None = None,
+) -> subprocess.CompletedProcess:
     recipe, app_dir, workdir = Path(recipe).resolve(), Path(app_dir).resolve(), Path(workdir).resolve()
     home = workdir / ".flwr"
     home.mkdir(parents=True, exist_ok=True)

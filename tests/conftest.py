@@ -39,9 +39,7 @@ def make_config(overrides: dict | None = None, /, **knobs) -> dict:
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under `folder` (relative path -> bytes)."""
     return {
-        str(path.relative_to(folder)): path.read_bytes()
-        for path in sorted(Path(folder).rglob("*"))
-        if path.is_file()
+        str(path.relative_to(folder)): path.read_bytes() for path in sorted(Path(folder).rglob("*")) if path.is_file()
     }
 
 
@@ -91,8 +89,14 @@ SMOL_TREE: dict[str, dict] = {
             {"input": "Give the formula of <INPUT>", "output": "<OUTPUT>"},
         ],
         "raw": {
-            "train": [("CCO", "C2H6O"), ("CCC", "C3H8"), ("CCCC", "C4H10"), ("c1ccccc1", "C6H6"),
-                      ("CC(=O)O", "C2H4O2"), ("CCN", "C2H7N")],
+            "train": [
+                ("CCO", "C2H6O"),
+                ("CCC", "C3H8"),
+                ("CCCC", "C4H10"),
+                ("c1ccccc1", "C6H6"),
+                ("CC(=O)O", "C2H4O2"),
+                ("CCN", "C2H7N"),
+            ],
             "dev": [("CCCCC", "C5H12"), ("CO", "CH4O")],
             "test": [("OCC", "C2H6O"), ("CCCCCC", "C6H14"), ("ClCCl", "CH2Cl2")],
         },
@@ -109,15 +113,21 @@ SMOL_TREE: dict[str, dict] = {
             {"input": "Is <INPUT> linked to vascular disorders?", "output": "The answer is <OUTPUT> ."},
         ],
         "raw": {
-            "train": [("CCCl", {"Hepatobiliary disorders": "Yes", "Vascular disorders": "No"}),
-                      ("CCBr", {"Hepatobiliary disorders": "No", "Vascular disorders": "Yes"}),
-                      ("CCCBr", {"Hepatobiliary disorders": "No", "Vascular disorders": "No"})],
+            "train": [
+                ("CCCl", {"Hepatobiliary disorders": "Yes", "Vascular disorders": "No"}),
+                ("CCBr", {"Hepatobiliary disorders": "No", "Vascular disorders": "Yes"}),
+                ("CCCBr", {"Hepatobiliary disorders": "No", "Vascular disorders": "No"}),
+            ],
             "dev": [("CCCCBr", {"Hepatobiliary disorders": "Yes", "Vascular disorders": "Yes"})],
             "test": [("CCCCCl", {"Hepatobiliary disorders": "No", "Vascular disorders": "Yes"})],
         },
         "samples": {
-            "train": [(0, 0, "Hepatobiliary disorders"), (0, 1, "Vascular disorders"),
-                      (1, 1, "Vascular disorders"), (2, 0, "Hepatobiliary disorders")],
+            "train": [
+                (0, 0, "Hepatobiliary disorders"),
+                (0, 1, "Vascular disorders"),
+                (1, 1, "Vascular disorders"),
+                (2, 0, "Hepatobiliary disorders"),
+            ],
             "dev": [(0, 1, "Vascular disorders")],
             "test": [(0, 0, "Hepatobiliary disorders"), (0, 1, "Vascular disorders")],
         },

@@ -10,10 +10,22 @@ PROJECT_RECIPE = "recipes/four-facilities-emulated.toml"
 
 
 def test_values_are_typed_like_toml():
-    overrides = parse_overrides(["strategy.name=walltime-aware", "train.lr=0.02", "strategy.buffer-size=4",
-                                 "emulation.virtual-time=false", 'run-name="a b"'])
-    assert overrides == {"strategy.name": "walltime-aware", "train.lr": 0.02, "strategy.buffer-size": 4,
-                         "emulation.virtual-time": False, "run-name": "a b"}
+    overrides = parse_overrides(
+        [
+            "strategy.name=walltime-aware",
+            "train.lr=0.02",
+            "strategy.buffer-size=4",
+            "emulation.virtual-time=false",
+            'run-name="a b"',
+        ]
+    )
+    assert overrides == {
+        "strategy.name": "walltime-aware",
+        "train.lr": 0.02,
+        "strategy.buffer-size": 4,
+        "emulation.virtual-time": False,
+        "run-name": "a b",
+    }
 
 
 def test_unknown_keys_wrong_types_and_missing_equals_are_errors():

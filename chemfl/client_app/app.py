@@ -11,9 +11,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
+from chemfl.client_app.walltime import remaining_walltime
 from chemfl.config import resolve
 from chemfl.data_prep.formatting import LazyExamples
-from chemfl.client_app.walltime import remaining_walltime
 from chemfl.data_prep.shards import Shard, load_shard, shard_dir_for
 from chemfl.emulation import emulate_slowdown
 from chemfl.errors import ChemFLError
@@ -80,8 +80,10 @@ def _training_examples(session, shard: Shard, max_length: int, system_prompt: st
 def _receive_adapter(session, msg: Message) -> None:
     config = msg.content["config"]
     if session.lora_spec.freeze_a and config.get("lora-a-digest") != frozen_a_digest(session.model):
-        raise ChemFLError("this node's frozen LoRA A differs from the server's; both must use the same "
-                          "model.name, lora.* settings and lora.seed")
+        raise ChemFLError(
+            "this node's frozen LoRA A differs from the server's; both must use the same "
+            "model.name, lora.* settings and lora.seed"
+        )
     load_exchanged_state(session.model, session.lora_spec, msg.content["arrays"].to_torch_state_dict())
 
 
@@ -104,20 +106,30 @@ def train(msg: Message, context: Context) -> Message:
     result = train_local(session.model, examples, spec, session.tokenizer.pad_token_id, seed, session.accelerator)
     emulate_slowdown(str(config["emulation.slowdown"]), shard.facility, result.seconds)
     if (examples.report.truncated, examples.report.dropped) != cut_before:  # stays on the node: its own log
-        log(WARNING, "%s: %d examples truncated, %d dropped at train.max-length = %d so far",
-            shard.facility, examples.report.truncated, examples.report.dropped, spec.max_length)
-    metrics = MetricRecord({
-        "num-examples": len(examples),
-        "train-loss": result.loss,
-        "steps": result.steps,
-        "seconds": result.seconds,
-        "tokens-per-second": result.tokens_per_second,
-    })
-    reply = RecordDict({
-        "arrays": ArrayRecord(exchanged_state(session.model, session.lora_spec)),
-        "metrics": metrics,
-        "node": _node_record(shard, context),
-    })
+        log(
+            WARNING,
+            "%s: %d examples truncated, %d dropped at train.max-length = %d so far",
+            shard.facility,
+            examples.report.truncated,
+            examples.report.dropped,
+            spec.max_length,
+        )
+    metrics = MetricRecord(
+        {
+            "num-examples": len(examples),
+            "train-loss": result.loss,
+            "steps": result.steps,
+            "seconds": result.seconds,
+            "tokens-per-second": result.tokens_per_second,
+        }
+    )
+    reply = RecordDict(
+        {
+            "arrays": ArrayRecord(exchanged_state(session.model, session.lora_spec)),
+            "metrics": metrics,
+            "node": _node_record(shard, context),
+        }
+    )
     return Message(content=reply, reply_to=msg)
 
 
@@ -135,8 +147,14 @@ def evaluate_node(msg: Message, context: Context) -> Message:
     shard = _node_shard(config, context)
     _receive_adapter(session, msg)
     spec = replace(EvalSpec.from_config(config), generate_per_task=int(config["eval.node-generate-per-task"]))
-    result = evaluate(session.model, session.tokenizer, shard.validation, spec,
-                      int(config["train.max-length"]), str(config["model.system-prompt"]))
+    result = evaluate(
+        session.model,
+        session.tokenizer,
+        shard.validation,
+        spec,
+        int(config["train.max-length"]),
+        str(config["model.system-prompt"]),
+    )
     metrics = {"num-examples": result["n_loss"], "eval-loss": result["loss"]}
     if result["overall"]:
         metrics["exact-match"] = result["overall"]["exact_match"]

@@ -12,8 +12,9 @@ import time
 from collections.abc import Mapping
 
 
-def remaining_walltime(node_config: Mapping, environ: Mapping[str, str] = os.environ,
-                       now: float | None = None) -> float | None:
+def remaining_walltime(
+    node_config: Mapping, environ: Mapping[str, str] = os.environ, now: float | None = None
+) -> float | None:
     now = time.time() if now is None else now
     for end in (node_config.get("job-end-time"), environ.get("CHEMFL_JOB_END_TIME"), environ.get("SLURM_JOB_END_TIME")):
         try:

@@ -22,10 +22,7 @@ def most_common_output(records: Sequence[dict], train: Sequence[dict]) -> list[s
     for record in train:
         by_task.setdefault(record["task"], Counter())[record["raw_output"]] += 1
     answers = {task: counts.most_common(1)[0][0] for task, counts in by_task.items()}
-    return [
-        tagged(answers.get(r["task"], ""), r["output_core_tag_left"], r["output_core_tag_right"])
-        for r in records
-    ]
+    return [tagged(answers.get(r["task"], ""), r["output_core_tag_left"], r["output_core_tag_right"]) for r in records]
 
 
 def baseline_scores(test: Sequence[dict], train: Sequence[dict]) -> dict[str, dict]:

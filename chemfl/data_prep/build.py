@@ -63,13 +63,12 @@ class BuildSpec:
             if unknown:
                 raise ChemFLError(
                     f"unknown task(s) {unknown} for data.source = {source!r}; "
-                    f"choose from: {', '.join(known)} (or \"all\")"
+                    f'choose from: {", ".join(known)} (or "all")'
                 )
             tasks = tasks or known
         test_fraction = float(config["data.test-fraction"])
         validation_fraction = float(config["data.validation-fraction"])
-        if not (0 < test_fraction < 1 and 0 < validation_fraction < 1
-                and test_fraction + validation_fraction < 1):
+        if not (0 < test_fraction < 1 and 0 < validation_fraction < 1 and test_fraction + validation_fraction < 1):
             raise ChemFLError(
                 f"data.test-fraction = {test_fraction} and data.validation-fraction = "
                 f"{validation_fraction} must each be in (0, 1) and add up to less than 1"
@@ -80,7 +79,7 @@ class BuildSpec:
         try:
             sizes = tuple(float(share) for share in split_list(str(config["data.sizes"])))
         except ValueError as error:
-            raise ChemFLError(f"data.sizes = {config['data.sizes']!r} must be numbers like \"4,2,1,1\"") from error
+            raise ChemFLError(f'data.sizes = {config["data.sizes"]!r} must be numbers like "4,2,1,1"') from error
         partition = PartitionSpec(
             scheme=str(config["data.partition-scheme"]),
             facilities=tuple(split_list(str(config["data.facilities"]))),
@@ -138,8 +137,11 @@ class BuildSpec:
         if location.is_file():
             return {"sha256": io.file_sha256(location)}
         if location.is_dir():  # a large extracted tree: sizes and times stand in for contents
-            listing = sorted((str(p.relative_to(location)), p.stat().st_size, p.stat().st_mtime_ns)
-                             for p in location.rglob("*") if p.is_file())
+            listing = sorted(
+                (str(p.relative_to(location)), p.stat().st_size, p.stat().st_mtime_ns)
+                for p in location.rglob("*")
+                if p.is_file()
+            )
             return {"listing_sha256": hashlib.sha256(json.dumps(listing).encode()).hexdigest()}
         raise ChemFLError(f"data.smolinstruct-path {location} does not exist")
 
@@ -193,7 +195,7 @@ def build_dataset(spec: BuildSpec, out_dir: Path, force: bool = False, step: Ste
     # its own task mix (dirichlet, by-task) rather than the global one.
     pool = by_split["train"] + by_split["validation"]
     parts = partition_indices([r["task"] for r in pool], spec.partition)
-    for name, rows in zip(spec.partition.facilities, parts):
+    for name, rows in zip(spec.partition.facilities, parts, strict=False):
         if not any(pool[i]["split"] == "train" for i in rows):
             raise ChemFLError(f"facility {name} received no training examples; use more data or fewer facilities")
 
@@ -210,8 +212,9 @@ def build_dataset(spec: BuildSpec, out_dir: Path, force: bool = False, step: Ste
 def _load(spec: BuildSpec, step: Step) -> tuple[list[dict], dict]:
     if spec.source == "offline":
         advance = step("molecules from PubChem", spec.max_molecules)
-        return load_offline(spec.tasks, spec.max_molecules, spec.seed, spec.test_fraction,
-                            spec.validation_fraction, advance)
+        return load_offline(
+            spec.tasks, spec.max_molecules, spec.seed, spec.test_fraction, spec.validation_fraction, advance
+        )
     if spec.source == "smolinstruct":
         step("reading SMolInstruct", 1)
         return load_smolinstruct(spec.smolinstruct_path, spec.tasks, spec.max_per_task)
@@ -240,15 +243,20 @@ def _write(staging, spec, build_id, tasks, source_info, by_split, pool, parts, l
         files[f"{split}.parquet"] = io.write_records(staging / f"{split}.parquet", by_split[split])
         advance()
     partitions: dict[str, dict] = {}
-    for partition_id, (name, rows) in enumerate(zip(spec.partition.facilities, parts)):
+    for partition_id, (name, rows) in enumerate(zip(spec.partition.facilities, parts, strict=False)):
         shard_dir = staging / "partitions" / name
         shard_files, shard_counts = {}, {}
         for split in ("train", "validation"):
             shard_records = [pool[i] for i in rows if pool[i]["split"] == split]
             shard_files[f"{split}.parquet"] = io.write_records(shard_dir / f"{split}.parquet", shard_records)
             shard_counts[split] = count_tasks(shard_records)
-        shard = {"build_id": build_id, "facility": name, "partition_id": partition_id,
-                 "counts": shard_counts, "files": shard_files}
+        shard = {
+            "build_id": build_id,
+            "facility": name,
+            "partition_id": partition_id,
+            "counts": shard_counts,
+            "files": shard_files,
+        }
         shard_files[io.SHARD_MANIFEST] = io.write_json(shard_dir / io.SHARD_MANIFEST, shard)
         files.update({f"partitions/{name}/{rel}": digest for rel, digest in shard_files.items()})
         partitions[name] = {"partition_id": partition_id, **shard_counts}

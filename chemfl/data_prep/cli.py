@@ -66,9 +66,14 @@ def run_build(args: argparse.Namespace) -> int:
     if not console.is_terminal:  # logs and CI: room for the summary table
         console.width = 120
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=True,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
     ) as progress:
+
         def step(description: str, total: int):
             task_id = progress.add_task(description, total=total)
             return lambda: progress.advance(task_id)

@@ -38,7 +38,7 @@ def render_answer(tokenizer, instruction: str, answer: str, system_prompt: str |
             "this tokenizer's chat template renders the conversation so that the prompt is not a "
             "prefix of the full chat; completion-only masking needs a template where it is"
         )
-    return prompt, full[len(prompt):]
+    return prompt, full[len(prompt) :]
 
 
 @dataclass
@@ -50,12 +50,17 @@ class FormattingReport:
     dropped_indices: list[int] = field(default_factory=list)
 
     def as_metrics(self) -> dict[str, int]:
-        return {"examples": self.examples, "truncated": self.truncated, "dropped": self.dropped,
-                "answer_tokens": self.answer_tokens}
+        return {
+            "examples": self.examples,
+            "truncated": self.truncated,
+            "dropped": self.dropped,
+            "answer_tokens": self.answer_tokens,
+        }
 
 
-def tokenize_record(tokenizer, record: dict, max_length: int, system_prompt: str | None = None
-                    ) -> tuple[dict[str, list[int]] | None, bool]:
+def tokenize_record(
+    tokenizer, record: dict, max_length: int, system_prompt: str | None = None
+) -> tuple[dict[str, list[int]] | None, bool]:
     """(example, truncated): input_ids / labels / attention_mask, or None when the prompt alone
     fills `max_length` (no answer token would be left)."""
     if max_length < 2:
@@ -66,7 +71,7 @@ def tokenize_record(tokenizer, record: dict, max_length: int, system_prompt: str
     if len(prompt_ids) >= max_length:
         return None, False
     input_ids = (prompt_ids + answer_ids)[:max_length]
-    labels = [IGNORE_INDEX] * len(prompt_ids) + input_ids[len(prompt_ids):]
+    labels = [IGNORE_INDEX] * len(prompt_ids) + input_ids[len(prompt_ids) :]
     example = {"input_ids": input_ids, "labels": labels, "attention_mask": [1] * len(input_ids)}
     return example, len(input_ids) < len(prompt_ids) + len(answer_ids)
 
@@ -78,7 +83,12 @@ class LazyExamples(Sequence):
     is dropped; `report` counts what has been tokenized so far."""
 
     def __init__(self, tokenizer, records: Sequence[dict], max_length: int, system_prompt: str | None = None):
-        self.tokenizer, self.records, self.max_length, self.system_prompt = tokenizer, records, max_length, system_prompt
+        self.tokenizer, self.records, self.max_length, self.system_prompt = (
+            tokenizer,
+            records,
+            max_length,
+            system_prompt,
+        )
         self.report = FormattingReport()
         self._cache: dict[int, dict[str, list[int]] | None] = {}
 
@@ -87,7 +97,9 @@ class LazyExamples(Sequence):
 
     def __getitem__(self, index: int) -> dict[str, list[int]] | None:
         if index not in self._cache:
-            example, truncated = tokenize_record(self.tokenizer, self.records[index], self.max_length, self.system_prompt)
+            example, truncated = tokenize_record(
+                self.tokenizer, self.records[index], self.max_length, self.system_prompt
+            )
             self._cache[index] = example
             if example is None:
                 self.report.dropped += 1

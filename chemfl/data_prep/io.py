@@ -109,13 +109,11 @@ def existing_build_id(target: Path) -> str | None:
     manifest = target / MANIFEST
     if not target.is_dir() or not manifest.is_file():
         raise ChemFLError(
-            f"{target} exists and is not a ChemFL data build (no {MANIFEST}); choose another "
-            "output folder or remove it"
+            f"{target} exists and is not a ChemFL data build (no {MANIFEST}); choose another output folder or remove it"
         )
     data = read_json(manifest)
     if data.get("format") != FORMAT or "build_id" not in data:
         raise ChemFLError(
-            f"{target} holds a {MANIFEST} that is not a ChemFL data manifest; choose another "
-            "output folder or remove it"
+            f"{target} holds a {MANIFEST} that is not a ChemFL data manifest; choose another output folder or remove it"
         )
     return data["build_id"]

@@ -83,7 +83,7 @@ def score(records: Sequence[dict], predictions: Sequence[str]) -> dict:
         raise ValueError(f"{len(records)} records but {len(predictions)} predictions")
     judged: dict[str, list[tuple[Judgement, str]]] = defaultdict(list)
     kinds: dict[str, AnswerKind] = {}
-    for record, text in zip(records, predictions):
+    for record, text in zip(records, predictions, strict=False):
         kind = answer_kind(record["output_core_tag_left"])
         kinds[record["task"]] = kind
         answer = extract_answer(text, record["output_core_tag_left"], record["output_core_tag_right"])

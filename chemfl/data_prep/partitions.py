@@ -38,9 +38,7 @@ class PartitionSpec:
     def validate(self, tasks: Sequence[str]) -> None:
         """Everything checkable before any data is read."""
         if self.scheme not in SCHEMES:
-            raise ChemFLError(
-                f"unknown partition scheme {self.scheme!r}; use one of {', '.join(SCHEMES)}"
-            )
+            raise ChemFLError(f"unknown partition scheme {self.scheme!r}; use one of {', '.join(SCHEMES)}")
         if not self.facilities:
             raise ChemFLError("data.facilities is empty; name at least one facility")
         for name in self.facilities:
@@ -60,7 +58,7 @@ class PartitionSpec:
             if len(self.sizes) != len(self.facilities):
                 raise ChemFLError(
                     f"data.sizes gives {len(self.sizes)} shares for {len(self.facilities)} "
-                    "facilities; give one positive share per facility, e.g. \"4,2,1,1\""
+                    'facilities; give one positive share per facility, e.g. "4,2,1,1"'
                 )
             if not all(share > 0 for share in self.sizes):
                 raise ChemFLError(f"data.sizes {list(self.sizes)}: every share must be > 0")
@@ -75,13 +73,11 @@ class PartitionSpec:
         if unmapped:
             raise ChemFLError(
                 f"data.task-map gives no facility for task(s) {unmapped}; map every task, "
-                "e.g. \"name_conversion-i2s=polaris,...\""
+                'e.g. "name_conversion-i2s=polaris,..."'
             )
         unknown_facilities = sorted(set(self.task_map.values()) - set(self.facilities))
         if unknown_facilities:
-            raise ChemFLError(
-                f"data.task-map names facilities not in data.facilities: {unknown_facilities}"
-            )
+            raise ChemFLError(f"data.task-map names facilities not in data.facilities: {unknown_facilities}")
         idle = [name for name in self.facilities if name not in set(self.task_map.values())]
         if idle:
             raise ChemFLError(
@@ -138,8 +134,13 @@ def partition_indices(tasks_of_rows: Sequence[str], spec: PartitionSpec) -> list
         partitioner = SizePartitioner(partition_sizes=counts)
     elif spec.scheme == "dirichlet":
         partitioner = DirichletPartitioner(
-            num_partitions=n_facilities, partition_by="task", alpha=spec.alpha,
-            min_partition_size=1, self_balancing=False, shuffle=True, seed=spec.seed,
+            num_partitions=n_facilities,
+            partition_by="task",
+            alpha=spec.alpha,
+            min_partition_size=1,
+            self_balancing=False,
+            shuffle=True,
+            seed=spec.seed,
         )
     else:  # by-task
         view = view.add_column("facility", [spec.task_map[task] for task in tasks_of_rows])
@@ -151,8 +152,7 @@ def partition_indices(tasks_of_rows: Sequence[str], spec: PartitionSpec) -> list
         without_rows = [name for name in spec.facilities if name not in by_name]
         if without_rows:
             raise ChemFLError(
-                f"data.task-map sends no task with examples to {without_rows}; their partitions "
-                "would be empty"
+                f"data.task-map sends no task with examples to {without_rows}; their partitions would be empty"
             )
         order = [by_name[name] for name in spec.facilities]
     try:
@@ -162,7 +162,7 @@ def partition_indices(tasks_of_rows: Sequence[str], spec: PartitionSpec) -> list
             f"the {spec.scheme} partitioner could not give every facility data ({error}); "
             "raise data.dirichlet-alpha or build from more data"
         ) from error
-    empty = [name for name, part in zip(spec.facilities, rows) if not part]
+    empty = [name for name, part in zip(spec.facilities, rows, strict=False) if not part]
     if empty:
         raise ChemFLError(f"partition(s) for {empty} came out empty; use more data or fewer facilities")
     return rows

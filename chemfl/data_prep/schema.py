@@ -61,9 +61,15 @@ def tagged(core: str, left: str | None, right: str | None) -> str:
 
 
 def make_record(
-    input_template: str, output_template: str, raw_input: str, raw_output: str, task: str,
-    input_tag: tuple[str | None, str | None], output_tag: tuple[str | None, str | None],
-    split: str | None = None, target: str | None = None,
+    input_template: str,
+    output_template: str,
+    raw_input: str,
+    raw_output: str,
+    task: str,
+    input_tag: tuple[str | None, str | None],
+    output_tag: tuple[str | None, str | None],
+    split: str | None = None,
+    target: str | None = None,
 ) -> dict[str, str | None]:
     """A SMolInstruct record: the tagged cores put where the templates say <INPUT> and <OUTPUT>."""
     return {

@@ -25,14 +25,19 @@ def shard_dir_for(data_path: str, node_config: dict) -> Path:
     if "data-path" in node_config:
         return Path(str(node_config["data-path"])).expanduser()
     if "partition-id" not in node_config:
-        raise ChemFLError("this SuperNode has neither a data-path nor a partition-id in its node config; "
-                          "start it with --node-config 'data-path=/path/to/partitions/<facility>'")
+        raise ChemFLError(
+            "this SuperNode has neither a data-path nor a partition-id in its node config; "
+            "start it with --node-config 'data-path=/path/to/partitions/<facility>'"
+        )
     manifest_path = Path(data_path) / io.MANIFEST
     if not manifest_path.is_file():
         raise ChemFLError(f"no dataset at data.path = {data_path}; run: chemfl data build --run-config <recipe>")
     manifest = io.read_json(manifest_path)
     facilities = manifest["facilities"]
-    partition_id, num_partitions = int(node_config["partition-id"]), int(node_config.get("num-partitions", len(facilities)))
+    partition_id, num_partitions = (
+        int(node_config["partition-id"]),
+        int(node_config.get("num-partitions", len(facilities))),
+    )
     if num_partitions != len(facilities):
         raise ChemFLError(
             f"the simulation runs {num_partitions} SuperNodes but the dataset at {data_path} has "
@@ -44,12 +49,20 @@ def shard_dir_for(data_path: str, node_config: dict) -> Path:
 def load_shard(folder: Path) -> Shard:
     """A facility's shard, checked against its shard.json before any record is used."""
     if not (folder / io.SHARD_MANIFEST).is_file():
-        raise ChemFLError(f"{folder} is not a ChemFL shard (no {io.SHARD_MANIFEST}); point data-path at "
-                          "partitions/<facility> of a build")
+        raise ChemFLError(
+            f"{folder} is not a ChemFL shard (no {io.SHARD_MANIFEST}); point data-path at "
+            "partitions/<facility> of a build"
+        )
     problems = verify_build(folder)
     if problems:
-        raise ChemFLError(f"shard {folder} does not match its manifest ({'; '.join(problems)}); "
-                          "copy it again from the build")
+        raise ChemFLError(
+            f"shard {folder} does not match its manifest ({'; '.join(problems)}); copy it again from the build"
+        )
     manifest = io.read_json(folder / io.SHARD_MANIFEST)
-    return Shard(manifest["facility"], int(manifest["partition_id"]), manifest["build_id"],
-                 io.read_records(folder / "train.parquet"), io.read_records(folder / "validation.parquet"))
+    return Shard(
+        manifest["facility"],
+        int(manifest["partition_id"]),
+        manifest["build_id"],
+        io.read_records(folder / "train.parquet"),
+        io.read_records(folder / "validation.parquet"),
+    )

@@ -69,7 +69,10 @@ def molecule_groups(records: Sequence[dict]) -> list[list[int]]:
 
 
 def assign_splits(
-    records: list[dict], test_fraction: float, validation_fraction: float, seed: int,
+    records: list[dict],
+    test_fraction: float,
+    validation_fraction: float,
+    seed: int,
     groups: list[list[int]] | None = None,
 ) -> None:
     """Give every record a split, group by group, in a seeded order (records are edited in place).
@@ -102,12 +105,12 @@ def remove_leakage(records: list[dict]) -> tuple[list[dict], Counter[str]]:
     """
     seen: dict[str, set[str]] = {"test": set(), "validation": set()}
     identities = [record_identities(record) for record in records]
-    for record, keys in zip(records, identities):
+    for record, keys in zip(records, identities, strict=False):
         if record["split"] in seen:
             seen[record["split"]] |= keys
     dropped: Counter[str] = Counter()
     kept = []
-    for record, keys in zip(records, identities):
+    for record, keys in zip(records, identities, strict=False):
         held_out = {"train": ("test", "validation"), "validation": ("test",), "test": ()}[record["split"]]
         if any(keys & seen[split] for split in held_out):
             dropped[record["split"]] += 1

@@ -1,4 +1,5 @@
-"""The offline tasks: SMolInstruct's four name conversions plus two RDKit-labelled properties (Crippen LogP, rule of three).
+"""The offline tasks: SMolInstruct's four name conversions plus two RDKit-labelled properties
+(Crippen LogP, rule of three).
 
 Each task turns one molecule into one record through one of several instruction templates
 (`<INPUT>` and `<OUTPUT>` mark where the tagged cores go, as in SMolInstruct's templates).
@@ -35,8 +36,9 @@ class OfflineTask:
     def record(self, molecule: Molecule, rng: random.Random) -> dict[str, str | None]:
         raw_input, raw_output = self.core_pair(molecule)
         input_template, output_template = self.templates[rng.randrange(len(self.templates))]
-        return make_record(input_template, output_template, raw_input, raw_output, self.name,
-                           self.input_tag, self.output_tag)
+        return make_record(
+            input_template, output_template, raw_input, raw_output, self.name, self.input_tag, self.output_tag
+        )
 
 
 SMILES_TAG = ("<SMILES>", "</SMILES>")

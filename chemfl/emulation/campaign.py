@@ -15,8 +15,12 @@ import numpy as np
 from chemfl.config import Scalar, parse_facility_numbers
 from chemfl.errors import ChemFLError
 
-PER_FACILITY_KEYS = ("emulation.seconds-per-step", "emulation.walltime", "emulation.queue-median",
-                     "emulation.startup-seconds")
+PER_FACILITY_KEYS = (
+    "emulation.seconds-per-step",
+    "emulation.walltime",
+    "emulation.queue-median",
+    "emulation.startup-seconds",
+)
 
 
 def parse_per_facility(key: str, setting: str, facilities: tuple[str, ...], minimum: float) -> dict[str, float]:
@@ -24,8 +28,10 @@ def parse_per_facility(key: str, setting: str, facilities: tuple[str, ...], mini
     values = parse_facility_numbers(key, setting, minimum)
     missing, unknown = sorted(set(facilities) - set(values)), sorted(set(values) - set(facilities))
     if missing or unknown:
-        raise ChemFLError(f"{key} must list every facility of data.facilities ({', '.join(facilities)}) once: "
-                          + (f"missing {', '.join(missing)}" if missing else f"unknown {', '.join(unknown)}"))
+        raise ChemFLError(
+            f"{key} must list every facility of data.facilities ({', '.join(facilities)}) once: "
+            + (f"missing {', '.join(missing)}" if missing else f"unknown {', '.join(unknown)}")
+        )
     return values
 
 
@@ -59,20 +65,30 @@ class CampaignSpec:
         spec = cls(
             name=str(config["emulation.campaign"]) or str(config["run-name"]),
             seed=int(config["emulation.seed"]),
-            facilities=tuple(FacilityModel(name, per["emulation.seconds-per-step"][name], per["emulation.walltime"][name],
-                                           per["emulation.queue-median"][name], per["emulation.startup-seconds"][name])
-                             for name in facilities),
+            facilities=tuple(
+                FacilityModel(
+                    name,
+                    per["emulation.seconds-per-step"][name],
+                    per["emulation.walltime"][name],
+                    per["emulation.queue-median"][name],
+                    per["emulation.startup-seconds"][name],
+                )
+                for name in facilities
+            ),
             queue_sigma=float(config["emulation.queue-sigma"]),
             spike_probability=float(config["emulation.spike-probability"]),
             spike_factor=float(config["emulation.spike-factor"]),
             task_overhead_seconds=float(config["emulation.task-overhead-seconds"]),
             transfer_mb_per_second=float(config["emulation.transfer-mb-per-second"]),
             trace=read_trace(Path(str(config["emulation.queue-trace"])), facilities)
-            if str(config["emulation.queue-trace"]) else None,
+            if str(config["emulation.queue-trace"])
+            else None,
         )
         if spec.queue_sigma < 0 or not 0 <= spec.spike_probability <= 1 or spec.spike_factor < 1:
-            raise ChemFLError("emulation.queue-sigma must be >= 0, emulation.spike-probability in [0, 1] and "
-                              "emulation.spike-factor >= 1")
+            raise ChemFLError(
+                "emulation.queue-sigma must be >= 0, emulation.spike-probability in [0, 1] and "
+                "emulation.spike-factor >= 1"
+            )
         if spec.task_overhead_seconds < 0 or spec.transfer_mb_per_second <= 0:
             raise ChemFLError("emulation.task-overhead-seconds must be >= 0 and emulation.transfer-mb-per-second > 0")
         return spec
@@ -102,11 +118,15 @@ def read_trace(path: Path, facilities: tuple[str, ...]) -> dict[str, list[float]
     from chemfl.launcher.watch import queue_waits
 
     if not path.is_file():
-        raise ChemFLError(f"emulation.queue-trace = {str(path)!r} does not exist; point it at a launch.jsonl "
-                          "written by `chemfl launch --watch`")
+        raise ChemFLError(
+            f"emulation.queue-trace = {str(path)!r} does not exist; point it at a launch.jsonl "
+            "written by `chemfl launch --watch`"
+        )
     waits = queue_waits(path)
     missing = [name for name in facilities if not waits.get(name)]
     if missing:
-        raise ChemFLError(f"emulation.queue-trace {path} has no started job for {', '.join(missing)}; "
-                          "record a trace that covers every facility of data.facilities")
+        raise ChemFLError(
+            f"emulation.queue-trace {path} has no started job for {', '.join(missing)}; "
+            "record a trace that covers every facility of data.facilities"
+        )
     return {name: list(waits[name]) for name in facilities}

@@ -72,11 +72,14 @@ def discover_facilities(grid: Grid, expected: int, timeout: float = 120.0, poll:
         time.sleep(poll)
         node_ids = list(grid.get_node_ids())
     if len(node_ids) < expected:
-        raise ChemFLError(f"virtual-time emulation needs one SuperNode per facility ({expected}); only "
-                          f"{len(node_ids)} connected in {timeout:.0f} s: simulate num-supernodes = {expected} "
-                          "(chemfl simulate does by default)")
+        raise ChemFLError(
+            f"virtual-time emulation needs one SuperNode per facility ({expected}); only "
+            f"{len(node_ids)} connected in {timeout:.0f} s: simulate num-supernodes = {expected} "
+            "(chemfl simulate does by default)"
+        )
     replies = grid.send_and_receive(
-        [Message(RecordDict(), dst_node_id=node, message_type="query") for node in node_ids], timeout=timeout)
+        [Message(RecordDict(), dst_node_id=node, message_type="query") for node in node_ids], timeout=timeout
+    )
     facility_of = {}
     for reply in replies:
         if reply.has_error():
@@ -146,8 +149,17 @@ class EmulatedGrid:
     def finish(self) -> None:
         """Close the books: running jobs end now (for node-hour accounting)."""
         for name, job in self.jobs.items():
-            self.record({"event": "job", "facility": name, "job": job.index, "state": "ended", "time": self.now,
-                         "nodes": 1, "reason": "campaign end" if job.running else "campaign end (still queued)"})
+            self.record(
+                {
+                    "event": "job",
+                    "facility": name,
+                    "job": job.index,
+                    "state": "ended",
+                    "time": self.now,
+                    "nodes": 1,
+                    "reason": "campaign end" if job.running else "campaign end (still queued)",
+                }
+            )
 
     # --- tasks ---------------------------------------------------------------------------------
 
@@ -161,8 +173,12 @@ class EmulatedGrid:
         config = message.content["config"]
         steps = int(config.get("local-steps", self.default_steps))
         adapter_bytes = message.content["arrays"].count_bytes()
-        duration = ((model.startup_seconds if job.tasks == 0 else 0.0) + self.campaign.task_overhead_seconds
-                    + steps * model.seconds_per_step + self.campaign.transfer_seconds(adapter_bytes))
+        duration = (
+            (model.startup_seconds if job.tasks == 0 else 0.0)
+            + self.campaign.task_overhead_seconds
+            + steps * model.seconds_per_step
+            + self.campaign.transfer_seconds(adapter_bytes)
+        )
         job.tasks += 1
         done = self.now + duration
         message_id = f"virtual-{next(self._seq)}"
@@ -177,8 +193,11 @@ class EmulatedGrid:
         return message_id
 
     def _collect_real_replies(self) -> None:
-        pending = {t.real_message_id: t.message_id for t in self.in_flight.values()
-                   if t.real_message_id is not None and t.message_id not in self.arrived}
+        pending = {
+            t.real_message_id: t.message_id
+            for t in self.in_flight.values()
+            if t.real_message_id is not None and t.message_id not in self.arrived
+        }
         if pending:
             for reply in self.grid.pull_messages(list(pending)):
                 self.arrived[pending[reply.metadata.reply_to_message_id]] = reply
@@ -212,8 +231,11 @@ class EmulatedGrid:
             task = self.in_flight.pop(payload)
             return EmulatedReply(
                 SimpleNamespace(src_node_id=task.node_id, reply_to_message_id=task.message_id),
-                error=SimpleNamespace(code=NODE_UNAVAILABLE,
-                                      reason=f"walltime: {task.facility}'s batch job ended before the task finished"))
+                error=SimpleNamespace(
+                    code=NODE_UNAVAILABLE,
+                    reason=f"walltime: {task.facility}'s batch job ended before the task finished",
+                ),
+            )
         if kind == JOB_START:
             self._start_job(payload)
         else:
@@ -229,12 +251,14 @@ class EmulatedGrid:
     def _start_job(self, facility: str) -> None:
         job = self.jobs[facility]
         job.running, job.end = True, job.start + self.campaign.facility(facility).walltime
-        self.record({"event": "job", "facility": facility, "job": job.index, "state": "running", "time": self.now,
-                     "nodes": 1})
+        self.record(
+            {"event": "job", "facility": facility, "job": job.index, "state": "running", "time": self.now, "nodes": 1}
+        )
         self._schedule(job.end, JOB_END, facility)
 
     def _end_job(self, facility: str) -> None:
         job = self.jobs[facility]
-        self.record({"event": "job", "facility": facility, "job": job.index, "state": "ended", "time": self.now,
-                     "nodes": 1})
+        self.record(
+            {"event": "job", "facility": facility, "job": job.index, "state": "ended", "time": self.now, "nodes": 1}
+        )
         self._queue_job(facility, job.index + 1, self.now)  # the launcher resubmits at once

@@ -54,7 +54,8 @@ HERE = "@HERE@"  # stands for superlink.sh's own folder while its command is bui
 
 def register(verbs: argparse._SubParsersAction) -> None:
     launch = verbs.add_parser(
-        "launch", help="run SuperNodes as batch jobs at facilities: SuperLink set-up, submit, status, stop",
+        "launch",
+        help="run SuperNodes as batch jobs at facilities: SuperLink set-up, submit, status, stop",
         description="Deploy ChemFL across facilities. Server side: `superlink` (certificates, SuperNode keys, "
         "superlink.sh, the flwr connection), then `register` once the SuperLink runs. Facility side: `submit` "
         "(one batch script per facility; --dry-run to read them first, --watch to resubmit ended jobs), "
@@ -63,7 +64,8 @@ def register(verbs: argparse._SubParsersAction) -> None:
     actions = launch.add_subparsers(dest="action", required=True, metavar="{superlink,register,submit,status,stop}")
 
     superlink = actions.add_parser(
-        "superlink", help="SuperLink side: TLS certificates, SuperNode keys, superlink.sh, the flwr connection",
+        "superlink",
+        help="SuperLink side: TLS certificates, SuperNode keys, superlink.sh, the flwr connection",
         description="Writes OUT/certs (a CA and a server certificate for --host), OUT/keys (one key per SuperNode "
         "of every facility, named <facility>-<index>), OUT/superlink.sh (flower-superlink with TLS, SuperNode "
         "authentication, a database, runtime dependency installation off) and the flwr connection entry; prints "
@@ -71,69 +73,129 @@ def register(verbs: argparse._SubParsersAction) -> None:
         "renews the server certificate.",
     )
     superlink.add_argument("facilities", type=Path, metavar="FACILITIES.toml")
-    superlink.add_argument("--host", action="append", default=None, metavar="NAME",
-                           help="DNS name or IP address the certificate is for, repeatable "
-                           "(default: the host of the facilities file's [superlink] address)")
-    superlink.add_argument("--out", type=Path, default=Path("server"), help="folder for certificates, keys and superlink.sh (default: server)")
-    superlink.add_argument("--port", type=int, default=8000,
-                           help="port flower-superlink listens on (default: 8000, Flower's); it serves SuperNodes, `flwr run` and key "
-                           "registration alike")
-    superlink.add_argument("--bind", default="0.0.0.0", help="address flower-superlink binds (default: 0.0.0.0, every interface)")
-    superlink.add_argument("--connection", default=DEFAULT_CONNECTION,
-                           help="name of the flwr connection, for flwr run . NAME (default: chemfl)")
-    superlink.add_argument("--connection-address", default=None, metavar="HOST:PORT",
-                           help="where `flwr run` and `register` reach the SuperLink (default: the [superlink] host "
-                           "with --port)")
-    superlink.add_argument("--flwr-home", type=Path, default=None,
-                           help="Flower home holding the connection's config.toml (default: $FLWR_HOME or ~/.flwr)")
+    superlink.add_argument(
+        "--host",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="DNS name or IP address the certificate is for, repeatable "
+        "(default: the host of the facilities file's [superlink] address)",
+    )
+    superlink.add_argument(
+        "--out",
+        type=Path,
+        default=Path("server"),
+        help="folder for certificates, keys and superlink.sh (default: server)",
+    )
+    superlink.add_argument(
+        "--port",
+        type=int,
+        default=8000,
+        help="port flower-superlink listens on (default: 8000, Flower's); it serves SuperNodes, `flwr run` and key "
+        "registration alike",
+    )
+    superlink.add_argument(
+        "--bind", default="0.0.0.0", help="address flower-superlink binds (default: 0.0.0.0, every interface)"
+    )
+    superlink.add_argument(
+        "--connection",
+        default=DEFAULT_CONNECTION,
+        help="name of the flwr connection, for flwr run . NAME (default: chemfl)",
+    )
+    superlink.add_argument(
+        "--connection-address",
+        default=None,
+        metavar="HOST:PORT",
+        help="where `flwr run` and `register` reach the SuperLink (default: the [superlink] host with --port)",
+    )
+    superlink.add_argument(
+        "--flwr-home",
+        type=Path,
+        default=None,
+        help="Flower home holding the connection's config.toml (default: $FLWR_HOME or ~/.flwr)",
+    )
     superlink.set_defaults(handler=run_superlink)
 
     register_keys = actions.add_parser(
-        "register", help="register every SuperNode's public key with the running SuperLink",
+        "register",
+        help="register every SuperNode's public key with the running SuperLink",
         description="`flwr supernode register` for each key `chemfl launch superlink` wrote; keys the SuperLink "
         "already knows count as done, so it is safe to rerun.",
     )
     register_keys.add_argument("server", type=Path, metavar="SERVER_DIR", help="the --out of `chemfl launch superlink`")
-    register_keys.add_argument("--flwr-home", type=Path, default=None,
-                               help="Flower home holding the connection (default: the one `launch superlink` wrote)")
+    register_keys.add_argument(
+        "--flwr-home",
+        type=Path,
+        default=None,
+        help="Flower home holding the connection (default: the one `launch superlink` wrote)",
+    )
     register_keys.set_defaults(handler=run_register)
 
     submit = actions.add_parser(
-        "submit", help="render one batch script per facility and submit them (--dry-run: only render)",
+        "submit",
+        help="render one batch script per facility and submit them (--dry-run: only render)",
         description="Checks the facilities file, the scheduler commands and the SuperLink (reachable from here, "
         "its certificate signed by the CA), writes OUT/<facility>.sh (and OUT/<facility>.body.sh, what a Globus "
         "endpoint runs), then submits each: qsub, sbatch or bash for backend = cli, a Globus Compute ShellFunction "
         "for backend = globus. Events go to OUT/launch.jsonl.",
     )
     submit.add_argument("facilities", type=Path, metavar="FACILITIES.toml")
-    submit.add_argument("--out", type=Path, default=Path("launch"), help="launch folder: scripts, job logs, launch.jsonl (default: launch)")
-    submit.add_argument("--only", action="append", default=None, metavar="NAME",
-                        help="launch only these facilities (repeatable, or comma-separated), e.g. the one whose "
-                        "login node this is (default: all)")
+    submit.add_argument(
+        "--out",
+        type=Path,
+        default=Path("launch"),
+        help="launch folder: scripts, job logs, launch.jsonl (default: launch)",
+    )
+    submit.add_argument(
+        "--only",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="launch only these facilities (repeatable, or comma-separated), e.g. the one whose "
+        "login node this is (default: all)",
+    )
     submit.add_argument("--dry-run", action="store_true", help="write the scripts, submit nothing, print how to")
-    submit.add_argument("--watch", action="store_true",
-                        help="stay and resubmit jobs that end (up to each facility's max-resubmits) until "
-                        "`chemfl launch stop`")
-    submit.add_argument("--poll", type=float, default=30.0, metavar="SECONDS", help="--watch: seconds between job queries (default: 30)")
-    submit.add_argument("--root-certificates", type=Path, default=None, metavar="CA",
-                        help="the CA certificate on this machine, for the SuperLink check (default: the facilities "
-                        "file's root-certificates, read here)")
+    submit.add_argument(
+        "--watch",
+        action="store_true",
+        help="stay and resubmit jobs that end (up to each facility's max-resubmits) until `chemfl launch stop`",
+    )
+    submit.add_argument(
+        "--poll", type=float, default=30.0, metavar="SECONDS", help="--watch: seconds between job queries (default: 30)"
+    )
+    submit.add_argument(
+        "--root-certificates",
+        type=Path,
+        default=None,
+        metavar="CA",
+        help="the CA certificate on this machine, for the SuperLink check (default: the facilities "
+        "file's root-certificates, read here)",
+    )
     submit.add_argument("--no-check", action="store_true", help="do not contact the SuperLink before submitting")
     submit.set_defaults(handler=run_submit)
 
     status = actions.add_parser("status", help="each facility's job, attempts and last event in a launch folder")
     status.add_argument("launch_dir", type=Path, metavar="LAUNCH_DIR")
-    status.add_argument("--events", type=int, default=0, metavar="N", help="also print the last N events of launch.jsonl")
+    status.add_argument(
+        "--events", type=int, default=0, metavar="N", help="also print the last N events of launch.jsonl"
+    )
     status.set_defaults(handler=run_status)
 
     stop = actions.add_parser(
-        "stop", help="stop the watcher and cancel every job of a launch",
+        "stop",
+        help="stop the watcher and cancel every job of a launch",
         description="Tells the watcher to exit (launch.stop), waits for it, then cancels every queued or running job "
         "(qdel, scancel, or SIGTERM to a local job's process group). Globus Compute tasks cannot be cancelled: "
         "they end at their walltime.",
     )
     stop.add_argument("launch_dir", type=Path, metavar="LAUNCH_DIR")
-    stop.add_argument("--wait", type=float, default=60.0, metavar="SECONDS", help="how long to wait for the watcher to exit (default: 60)")
+    stop.add_argument(
+        "--wait",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long to wait for the watcher to exit (default: 60)",
+    )
     stop.set_defaults(handler=run_stop)
 
 
@@ -165,10 +227,16 @@ class SuperLinkSetup:
 
     def to_json(self) -> dict:
         return {
-            "facilities_file": str(self.facilities_file), "address": self.address, "hosts": self.hosts,
-            "port": self.port, "bind": self.bind, "connection": self.connection,
-            "connection_address": self.connection_address, "flwr_home": str(self.flwr_home),
-            "command": self.command, "supernodes": self.supernodes,
+            "facilities_file": str(self.facilities_file),
+            "address": self.address,
+            "hosts": self.hosts,
+            "port": self.port,
+            "bind": self.bind,
+            "connection": self.connection,
+            "connection_address": self.connection_address,
+            "flwr_home": str(self.flwr_home),
+            "command": self.command,
+            "supernodes": self.supernodes,
             "root_certificates_at_facilities": self.root_certificates_at_facilities,
             "keys_dir_at_facilities": self.keys_dir_at_facilities,
         }
@@ -177,16 +245,27 @@ class SuperLinkSetup:
     def load(cls, out: Path) -> SuperLinkSetup:
         path = Path(out) / SETUP_FILE
         if not path.is_file():
-            raise ChemFLError(f"{out} holds no SuperLink set-up (no {SETUP_FILE}); run chemfl launch superlink "
-                              f"FACILITIES.toml --out {out} first")
+            raise ChemFLError(
+                f"{out} holds no SuperLink set-up (no {SETUP_FILE}); run chemfl launch superlink "
+                f"FACILITIES.toml --out {out} first"
+            )
         data = json.loads(path.read_text(encoding="utf-8"))
         out = path.parent.resolve()
         return cls(
-            out=out, facilities_file=Path(data["facilities_file"]), address=data["address"], hosts=data["hosts"],
-            port=data["port"], bind=data["bind"], connection=data["connection"],
-            connection_address=data["connection_address"], flwr_home=Path(data["flwr_home"]),
-            ca_cert=out / CERTS_DIR / "ca.crt", script=out / SCRIPT_FILE, command=data["command"],
-            supernodes=data["supernodes"], root_certificates_at_facilities=data["root_certificates_at_facilities"],
+            out=out,
+            facilities_file=Path(data["facilities_file"]),
+            address=data["address"],
+            hosts=data["hosts"],
+            port=data["port"],
+            bind=data["bind"],
+            connection=data["connection"],
+            connection_address=data["connection_address"],
+            flwr_home=Path(data["flwr_home"]),
+            ca_cert=out / CERTS_DIR / "ca.crt",
+            script=out / SCRIPT_FILE,
+            command=data["command"],
+            supernodes=data["supernodes"],
+            root_certificates_at_facilities=data["root_certificates_at_facilities"],
             keys_dir_at_facilities=data["keys_dir_at_facilities"],
         )
 
@@ -248,7 +327,8 @@ def prepare_superlink(
         sl._check_host(bind)
     sl._check_connection_name(connection)
     connection_address = connection_address or (
-        f"[{address_host}]:{port}" if ":" in address_host else f"{address_host}:{port}")
+        f"[{address_host}]:{port}" if ":" in address_host else f"{address_host}:{port}"
+    )
     sl.parse_address(connection_address)
     flwr_home = Path(flwr_home).expanduser() if flwr_home is not None else default_flwr_home()
     config_file = flwr_home / sl.FLOWER_CONFIG_FILE
@@ -256,34 +336,58 @@ def prepare_superlink(
         try:
             tomllib.loads(config_file.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-            raise ChemFLError(f"{config_file} is not valid TOML ({err}); fix it, or pass --flwr-home elsewhere") from None
-    supernodes = {facility.name: [supernode_key_name(facility.name, i) for i in range(supernode_count(facility))]
-                  for facility in plan.facilities} if target.keys_dir else {}
+            raise ChemFLError(
+                f"{config_file} is not valid TOML ({err}); fix it, or pass --flwr-home elsewhere"
+            ) from None
+    supernodes = (
+        {
+            facility.name: [supernode_key_name(facility.name, i) for i in range(supernode_count(facility))]
+            for facility in plan.facilities
+        }
+        if target.keys_dir
+        else {}
+    )
     out = Path(out).resolve()
     for names in supernodes.values():
         for name in names:
             _check_existing_key(out / KEYS_DIR / name)
     ca_key = out / CERTS_DIR / sl.CA_KEY
     if (out / CERTS_DIR / sl.CA_CERT).exists() and not ca_key.exists():
-        raise ChemFLError(f"{out / CERTS_DIR / sl.CA_CERT} exists without its key {ca_key}: put the key back, or "
-                          f"move {out / CERTS_DIR} away for a new CA (then copy the new ca.crt to every facility)")
+        raise ChemFLError(
+            f"{out / CERTS_DIR / sl.CA_CERT} exists without its key {ca_key}: put the key back, or "
+            f"move {out / CERTS_DIR} away for a new CA (then copy the new ca.crt to every facility)"
+        )
 
     # Checked: now write.
     certificates = sl.make_certificates(out / CERTS_DIR, hosts)
     if supernodes:
         sl.make_supernode_keys(out / KEYS_DIR, [name for names in supernodes.values() for name in names])
     command = sl.superlink_command(
-        certificates=certificates, database=out / DATABASE, host=bind, port=port,
+        certificates=certificates,
+        database=out / DATABASE,
+        host=bind,
+        port=port,
         enable_supernode_auth=bool(supernodes),
     )
     script = out / SCRIPT_FILE
     write_file_atomically(script, superlink_script(command, out, target.address, bool(supernodes)), 0o755)
     sl.write_connection(flwr_home, connection, connection_address, certificates.ca_cert, False)
     setup = SuperLinkSetup(
-        out=out, facilities_file=Path(facilities_file).resolve(), address=target.address, hosts=hosts, port=port,
-        bind=bind, connection=connection, connection_address=connection_address, flwr_home=flwr_home.resolve(),
-        ca_cert=certificates.ca_cert, script=script, command=command, supernodes=supernodes,
-        root_certificates_at_facilities=target.root_certificates, keys_dir_at_facilities=target.keys_dir,
+        out=out,
+        facilities_file=Path(facilities_file).resolve(),
+        address=target.address,
+        hosts=hosts,
+        port=port,
+        bind=bind,
+        connection=connection,
+        connection_address=connection_address,
+        flwr_home=flwr_home.resolve(),
+        ca_cert=certificates.ca_cert,
+        script=script,
+        command=command,
+        supernodes=supernodes,
+        root_certificates_at_facilities=target.root_certificates,
+        keys_dir_at_facilities=target.keys_dir,
     )
     write_file_atomically(out / SETUP_FILE, json.dumps(setup.to_json(), indent=2) + "\n", 0o644)
     return setup
@@ -299,11 +403,15 @@ def _check_existing_key(path: Path) -> None:
     try:
         key = serialization.load_ssh_private_key(path.read_bytes(), None)
     except (ValueError, TypeError) as err:
-        raise ChemFLError(f"{path} exists but is not an unencrypted OpenSSH private key ({err}); move it away to "
-                          "give that SuperNode a new identity, or restore the original") from None
+        raise ChemFLError(
+            f"{path} exists but is not an unencrypted OpenSSH private key ({err}); move it away to "
+            "give that SuperNode a new identity, or restore the original"
+        ) from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise ChemFLError(f"{path} is not an EC key, which flower-supernode requires; move it away to give that "
-                          "SuperNode a new identity")
+        raise ChemFLError(
+            f"{path} is not an EC key, which flower-supernode requires; move it away to give that "
+            "SuperNode a new identity"
+        )
 
 
 def superlink_script(command: list[str], out: Path, address: str, authentication: bool) -> str:
@@ -321,8 +429,12 @@ def superlink_script(command: list[str], out: Path, address: str, authentication
         f"# ChemFL SuperLink: SuperNodes connect to {address}. One HTTPS port ({port}) serves the SuperNodes,",
         "# `flwr run` and `flwr supernode register`, and whoever reaches it can start runs and register keys:",
         "# open it only to the facilities' networks and your own machine.",
-        "# " + ("SuperNodes must present a registered key (chemfl launch register)." if authentication
-                else "SuperNode authentication is OFF (keys-dir is empty): any SuperNode that reaches the port joins."),
+        "# "
+        + (
+            "SuperNodes must present a registered key (chemfl launch register)."
+            if authentication
+            else "SuperNode authentication is OFF (keys-dir is empty): any SuperNode that reaches the port joins."
+        ),
         "# Relative paths in a run's config (data.path, outputs.dir, model.cache-dir) resolve against the folder",
         "# this script is started from: start it from your chemfl checkout, or give absolute paths.",
         "set -euo pipefail",
@@ -349,17 +461,29 @@ def _pairs(words: list[str]) -> list[str]:
 
 
 def run_superlink(args: argparse.Namespace) -> int:
-    setup = prepare_superlink(args.facilities, args.out, args.host, args.port, args.bind, args.connection,
-                              args.connection_address, args.flwr_home)
+    setup = prepare_superlink(
+        args.facilities,
+        args.out,
+        args.host,
+        args.port,
+        args.bind,
+        args.connection,
+        args.connection_address,
+        args.flwr_home,
+    )
     out = _shown(setup.out)
     print(f"{out}/certs: CA and server certificate for {', '.join(setup.hosts)} (+ localhost, 127.0.0.1)")
     total = sum(len(names) for names in setup.supernodes.values())
     if setup.supernodes:
-        print(f"{out}/keys: {total} SuperNode keys, " + ", ".join(
-            f"{facility} {len(names)}" for facility, names in setup.supernodes.items()))
+        print(
+            f"{out}/keys: {total} SuperNode keys, "
+            + ", ".join(f"{facility} {len(names)}" for facility, names in setup.supernodes.items())
+        )
     else:
-        print("keys-dir is empty in the facilities file: SuperNode authentication is OFF, so anyone who can reach "
-              f"port {setup.port} can join as a SuperNode")
+        print(
+            "keys-dir is empty in the facilities file: SuperNode authentication is OFF, so anyone who can reach "
+            f"port {setup.port} can join as a SuperNode"
+        )
     print(f"flwr connection '{setup.connection}' -> {setup.connection_address} in {setup.flwr_home}/config.toml")
     print(f"\nThe SuperLink command (in {out}/{SCRIPT_FILE}):\n  " + shlex.join(setup.command))
     print("\nCopy to each facility (destinations are the facilities file's paths, AT that facility):")
@@ -370,16 +494,22 @@ def run_superlink(args: argparse.Namespace) -> int:
             print(f"  {' ' * len(facility)}  {out}/keys/{keys} -> {setup.keys_dir_at_facilities}/ (private: chmod 600)")
     print(f"  Keep {out}/certs/ca.key and server.key on the SuperLink host only.")
     print("\nNext:")
-    print(f"  1. on {setup.hosts[0]}: {out}/{SCRIPT_FILE}   (keep it running: tmux, nohup or a service; "
-          f"open port {setup.port} only to the facilities)")
+    print(
+        f"  1. on {setup.hosts[0]}: {out}/{SCRIPT_FILE}   (keep it running: tmux, nohup or a service; "
+        f"open port {setup.port} only to the facilities)"
+    )
     address_port = setup.address.rpartition(":")[2]
     if address_port != str(setup.port):
-        print(f"     SuperNodes connect to port {address_port} ({setup.address}): forward it to {setup.port} on that "
-              f"host, or pass --port {address_port} (below 1024 needs root or CAP_NET_BIND_SERVICE)")
+        print(
+            f"     SuperNodes connect to port {address_port} ({setup.address}): forward it to {setup.port} on that "
+            f"host, or pass --port {address_port} (below 1024 needs root or CAP_NET_BIND_SERVICE)"
+        )
     if setup.supernodes:
         print(f"  2. once it runs: chemfl launch register {out}")
-    print(f"  {3 if setup.supernodes else 2}. chemfl launch submit {_shown(setup.facilities_file)} --dry-run, "
-          "then without --dry-run (add --watch to keep the jobs alive)")
+    print(
+        f"  {3 if setup.supernodes else 2}. chemfl launch submit {_shown(setup.facilities_file)} --dry-run, "
+        "then without --dry-run (add --watch to keep the jobs alive)"
+    )
     print(f"  Runs: flwr run . {setup.connection} --run-config RECIPE.toml --stream")
     return 0
 
@@ -405,16 +535,21 @@ def register_keys(server: Path, flwr_home: Path | None = None) -> RegisterReport
 
     setup = SuperLinkSetup.load(server)
     if not setup.supernodes:
-        raise ChemFLError(f"{server}: no SuperNode keys (the facilities file's keys-dir is empty), so nothing to register")
+        raise ChemFLError(
+            f"{server}: no SuperNode keys (the facilities file's keys-dir is empty), so nothing to register"
+        )
     missing = [key for key in setup.public_keys() if not key.is_file()]
     if missing:
-        raise ChemFLError(f"{missing[0]} is missing; rerun chemfl launch superlink {setup.facilities_file} --out {server}")
+        raise ChemFLError(
+            f"{missing[0]} is missing; rerun chemfl launch superlink {setup.facilities_file} --out {server}"
+        )
     try:
         check_superlink(setup.connection_address, setup.ca_cert, insecure=False)
     except ChemFLError as error:
         raise ChemFLError(f"{error} (start {setup.script} first, then register)") from None
-    return register_supernodes(setup.public_keys(), setup.connection, flwr_home=flwr_home or setup.flwr_home,
-                               flwr=flwr_executable("flwr"))
+    return register_supernodes(
+        setup.public_keys(), setup.connection, flwr_home=flwr_home or setup.flwr_home, flwr=flwr_executable("flwr")
+    )
 
 
 def run_register(args: argparse.Namespace) -> int:
@@ -425,8 +560,10 @@ def run_register(args: argparse.Namespace) -> int:
         print("already registered: " + ", ".join(report.already_registered))
     if report.failed:
         details = "; ".join(f"{name}: {output}" for name, output in report.failed.items())
-        raise ChemFLError(f"{len(report.failed)} key(s) not registered ({details}); fix the cause and rerun "
-                          "chemfl launch register (keys already registered are skipped)")
+        raise ChemFLError(
+            f"{len(report.failed)} key(s) not registered ({details}); fix the cause and rerun "
+            "chemfl launch register (keys already registered are skipped)"
+        )
     return 0
 
 
@@ -457,12 +594,17 @@ def check_launch_dir(launch_dir: Path) -> None:
 
     if not (Path(launch_dir) / "launch-state.json").is_file():
         return
-    live = {name: entry for name, entry in read_state(launch_dir)["facilities"].items()
-            if entry["state"] in (*LIVE_STATES, "waiting", "new")}
+    live = {
+        name: entry
+        for name, entry in read_state(launch_dir)["facilities"].items()
+        if entry["state"] in (*LIVE_STATES, "waiting", "new")
+    }
     if watcher_pid(launch_dir) is not None or live:
         jobs = ", ".join(f"{name} {entry['state']} {entry['job_id'] or ''}".rstrip() for name, entry in live.items())
-        raise ChemFLError(f"{launch_dir} holds a launch that may still run ({jobs or 'its watcher is running'}); "
-                          f"stop it first (chemfl launch stop {launch_dir}) or pick another --out")
+        raise ChemFLError(
+            f"{launch_dir} holds a launch that may still run ({jobs or 'its watcher is running'}); "
+            f"stop it first (chemfl launch stop {launch_dir}) or pick another --out"
+        )
 
 
 def check_schedulers(facilities: list[Facility]) -> None:
@@ -473,13 +615,17 @@ def check_schedulers(facilities: list[Facility]) -> None:
             try:
                 require_on_path(SUBMIT_COMMANDS[facility.profile.scheduler])
             except ChemFLError as error:
-                raise ChemFLError(f"facility {facility.name}: {error} (or --dry-run to only write the scripts, "
-                                  f"or --only the facilities this machine can submit to)") from None
+                raise ChemFLError(
+                    f"facility {facility.name}: {error} (or --dry-run to only write the scripts, "
+                    f"or --only the facilities this machine can submit to)"
+                ) from None
         # A local job runs with this environment: without setup lines, flower-supernode must be on PATH here.
         if facility.profile.scheduler == "local" and not facility.setup and shutil.which("flower-supernode") is None:
-            raise ChemFLError(f"facility {facility.name}: its job runs flower-supernode, which is not on PATH here; "
-                              "activate the environment chemfl is installed in (source .venv/bin/activate), or add "
-                              'setup = ["source /path/to/.venv/bin/activate"] to the facility')
+            raise ChemFLError(
+                f"facility {facility.name}: its job runs flower-supernode, which is not on PATH here; "
+                "activate the environment chemfl is installed in (source .venv/bin/activate), or add "
+                'setup = ["source /path/to/.venv/bin/activate"] to the facility'
+            )
 
 
 def check_superlink_from_here(plan: LaunchPlan, root_certificates: Path | None) -> str:
@@ -527,11 +673,16 @@ def job_targets(plan: LaunchPlan, rendered: list[Rendered]) -> list[JobTarget]:
 
     return [
         JobTarget(
-            facility=item.facility.name, scheduler=item.facility.profile.scheduler, backend=item.facility.backend,
-            script=item.script, body=render_body(plan, item.facility),
-            walltime_seconds=item.facility.walltime_seconds, max_resubmits=item.facility.max_resubmits,
+            facility=item.facility.name,
+            scheduler=item.facility.profile.scheduler,
+            backend=item.facility.backend,
+            script=item.script,
+            body=render_body(plan, item.facility),
+            walltime_seconds=item.facility.walltime_seconds,
+            max_resubmits=item.facility.max_resubmits,
             resubmit_backoff_seconds=item.facility.resubmit_backoff_seconds,
-            globus_endpoint=item.facility.globus_endpoint, globus_config=dict(item.facility.globus_config),
+            globus_endpoint=item.facility.globus_endpoint,
+            globus_config=dict(item.facility.globus_config),
         )
         for item in rendered
     ]
@@ -552,8 +703,11 @@ def run_submit(args: argparse.Namespace) -> int:
         checked = "SuperLink not checked (--dry-run)"
     else:
         check_schedulers(facilities)
-        checked = "SuperLink not checked (--no-check)" if args.no_check else \
-            check_superlink_from_here(plan, args.root_certificates)
+        checked = (
+            "SuperLink not checked (--no-check)"
+            if args.no_check
+            else check_superlink_from_here(plan, args.root_certificates)
+        )
     rendered = write_launch_scripts(plan, facilities, launch_dir)
     print(checked)
     if args.dry_run:
@@ -571,8 +725,11 @@ def run_submit(args: argparse.Namespace) -> int:
         watcher.save(watching=False)  # no watcher follows these jobs
         for backend in watcher.backends.values():
             backend.close()
-        print(f"Events in {_shown(launch_dir)}/launch.jsonl. Not watching: jobs that end are not resubmitted "
-              f"(use --watch for that). chemfl launch status {_shown(launch_dir)} | chemfl launch stop {_shown(launch_dir)}")
+        print(
+            f"Events in {_shown(launch_dir)}/launch.jsonl. Not watching: jobs that end are not resubmitted "
+            f"(use --watch for that). chemfl launch status {_shown(launch_dir)} | "
+            f"chemfl launch stop {_shown(launch_dir)}"
+        )
         if any(job.backend == "globus" for job in watcher.jobs):
             print("Globus tasks can only be followed by the process that submitted them: use --watch for them.")
         return 0
@@ -587,7 +744,9 @@ def run_submit(args: argparse.Namespace) -> int:
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
-    print("Watcher stopped" + (" (every facility gave up)" if all(job.state == "gave-up" for job in watcher.jobs) else ""))
+    print(
+        "Watcher stopped" + (" (every facility gave up)" if all(job.state == "gave-up" for job in watcher.jobs) else "")
+    )
     return 0
 
 
@@ -614,16 +773,22 @@ def print_dry_run(args: argparse.Namespace, rendered: list[Rendered]) -> None:
         name = facility.name.ljust(width)
         script = item.script.name
         if facility.backend == "globus":
-            print(f"  {name}  {out}/{item.body.name}: run by a Globus Compute ShellFunction on endpoint "
-                  f"{facility.globus_endpoint} ({out}/{script} for reference)")
+            print(
+                f"  {name}  {out}/{item.body.name}: run by a Globus Compute ShellFunction on endpoint "
+                f"{facility.globus_endpoint} ({out}/{script} for reference)"
+            )
         elif facility.profile.scheduler == "local":
             print(f"  {name}  (cd {out} && nohup bash {script} > {facility.name}.log 2>&1 &)")
         else:
-            print(f"  {name}  (cd {out} && {SUBMIT_COMMANDS[facility.profile.scheduler]} {script})   "
-                  f"on a login node of {facility.name}")
+            print(
+                f"  {name}  (cd {out} && {SUBMIT_COMMANDS[facility.profile.scheduler]} {script})   "
+                f"on a login node of {facility.name}"
+            )
     only = "".join(f" --only {item.facility.name}" for item in rendered) if args.only else ""
-    print(f"Or let chemfl submit and keep them alive: chemfl launch submit {_shown(args.facilities)}{only} "
-          f"--out {out} --watch")
+    print(
+        f"Or let chemfl submit and keep them alive: chemfl launch submit {_shown(args.facilities)}{only} "
+        f"--out {out} --watch"
+    )
 
 
 # --- status and stop -------------------------------------------------------------------------------
@@ -663,15 +828,24 @@ def run_status(args: argparse.Namespace) -> int:
         console.width = 120
     console.print(table)
     updated = _ago(now - read_state(args.launch_dir)["updated"])
-    console.print(f"watcher: running (pid {pid}); states as of its last poll, {updated}" if pid else
-                  f"watcher: not running, so ended jobs are not resubmitted; states saved {updated}"
-                  + (", 'now' from the scheduler" if current else ""))
+    console.print(
+        f"watcher: running (pid {pid}); states as of its last poll, {updated}"
+        if pid
+        else f"watcher: not running, so ended jobs are not resubmitted; states saved {updated}"
+        + (", 'now' from the scheduler" if current else "")
+    )
     if args.events and events_path.is_file():
-        for event in read_events(events_path)[-args.events:]:
-            extra = {k: v for k, v in event.items() if k not in ("time", "event", "facility", "backend", "job_id", "attempt")}
+        for event in read_events(events_path)[-args.events :]:
+            extra = {
+                k: v for k, v in event.items() if k not in ("time", "event", "facility", "backend", "job_id", "attempt")
+            }
             stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
-            console.print(f"{stamp} {event['facility']} {event['event']} {event['job_id'] or ''} "
-                          f"{json.dumps(extra) if extra else ''}".rstrip(), markup=False, highlight=False)
+            console.print(
+                f"{stamp} {event['facility']} {event['event']} {event['job_id'] or ''} "
+                f"{json.dumps(extra) if extra else ''}".rstrip(),
+                markup=False,
+                highlight=False,
+            )
     return 0
 
 
@@ -693,8 +867,10 @@ def current_states(rows: list[dict]) -> dict[str, str]:
 
 def _require_launch(launch_dir: Path) -> None:
     if not (Path(launch_dir) / "launch-state.json").is_file():
-        raise ChemFLError(f"{launch_dir} holds no launch (no launch-state.json); give the --out of chemfl launch submit "
-                          "(default: launch)")
+        raise ChemFLError(
+            f"{launch_dir} holds no launch (no launch-state.json); give the --out of chemfl launch submit "
+            "(default: launch)"
+        )
 
 
 def _ago(seconds: float) -> str:

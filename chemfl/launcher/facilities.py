@@ -61,8 +61,20 @@ LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 SUPERLINK_KEYS = {"address", "root-certificates", "insecure", "keys-dir"}
 FACILITY_KEYS = {
-    "profile", "account", "queue", "nodes", "walltime", "supernodes-per-node", "setup", "proxy",
-    "data-path", "backend", "globus-endpoint", "globus-config", "max-resubmits", "resubmit-backoff",
+    "profile",
+    "account",
+    "queue",
+    "nodes",
+    "walltime",
+    "supernodes-per-node",
+    "setup",
+    "proxy",
+    "data-path",
+    "backend",
+    "globus-endpoint",
+    "globus-config",
+    "max-resubmits",
+    "resubmit-backoff",
     "directives",
 }
 GENERIC_PROFILE_KEYS = {"gpus-per-node", "gpu-pinning"}
@@ -145,8 +157,9 @@ def load_facilities(path: str | Path) -> LaunchPlan:
     try:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError:
-        raise ChemFLError(f"{path}: no such facilities file; copy recipes/four-facilities/facilities.toml "
-                          "and edit it") from None
+        raise ChemFLError(
+            f"{path}: no such facilities file; copy recipes/four-facilities/facilities.toml and edit it"
+        ) from None
     except tomllib.TOMLDecodeError as err:
         raise ChemFLError(f"{path}: not valid TOML ({err}); fix the syntax there") from None
     try:
@@ -185,15 +198,21 @@ def _superlink(table: dict[str, Any]) -> SuperLinkTarget:
     )
     if target.insecure:
         if host not in LOCAL_HOSTS:
-            raise ChemFLError(f"{where}: insecure = true sends model updates unencrypted to {address}; "
-                              "plain gRPC is only allowed towards localhost or 127.0.0.1: set insecure = false "
-                              "and give root-certificates (or none, for a certificate from a public CA)")
+            raise ChemFLError(
+                f"{where}: insecure = true sends model updates unencrypted to {address}; "
+                "plain gRPC is only allowed towards localhost or 127.0.0.1: set insecure = false "
+                "and give root-certificates (or none, for a certificate from a public CA)"
+            )
         if target.root_certificates:
-            raise ChemFLError(f"{where}: insecure = true and root-certificates both set (flower-supernode "
-                              "refuses the pair); remove root-certificates or set insecure = false")
+            raise ChemFLError(
+                f"{where}: insecure = true and root-certificates both set (flower-supernode "
+                "refuses the pair); remove root-certificates or set insecure = false"
+            )
         if target.keys_dir:
-            raise ChemFLError(f"{where}: keys-dir is set but insecure = true, and SuperNode authentication "
-                              'needs TLS; set insecure = false, or keys-dir = "" for no node authentication')
+            raise ChemFLError(
+                f"{where}: keys-dir is set but insecure = true, and SuperNode authentication "
+                'needs TLS; set insecure = false, or keys-dir = "" for no node authentication'
+            )
     return target
 
 
@@ -201,8 +220,9 @@ def _address_host(address: str, where: str) -> str:
     """The host of 'host:port' or '[v6]:port' (for the localhost check); rejects anything else."""
     match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([A-Za-z0-9.-]+):(\d{1,5})", address)
     if match is None:
-        raise ChemFLError(f'{where}: address "{address}" is not host:port; write it like "fl.example.org:443" '
-                          "(no https:// prefix)")
+        raise ChemFLError(
+            f'{where}: address "{address}" is not host:port; write it like "fl.example.org:443" (no https:// prefix)'
+        )
     return match.group(1) or match.group(3)
 
 
@@ -218,8 +238,10 @@ def _facility(name: str, table: dict[str, Any]) -> Facility:
     if not account and not is_local:
         raise ChemFLError(f'{where}: no account; add account = "<your project>" (the allocation jobs are charged to)')
     if account and not WORD.match(account):
-        raise ChemFLError(f'{where}: account "{account}" has characters a directive cannot carry; '
-                          "use the project name exactly as the scheduler knows it")
+        raise ChemFLError(
+            f'{where}: account "{account}" has characters a directive cannot carry; '
+            "use the project name exactly as the scheduler knows it"
+        )
     queue = _get(table, "queue", str, profile.default_queue, where)
     if queue and not WORD.match(queue):
         raise ChemFLError(f'{where}: queue "{queue}" is not a queue name; use letters, digits, ".", "-", "_"')
@@ -228,35 +250,44 @@ def _facility(name: str, table: dict[str, Any]) -> Facility:
     if nodes < 1:
         raise ChemFLError(f"{where}: nodes = {nodes}; a job needs at least one node, set nodes = 1 or more")
     if is_local and nodes > 1:
-        raise ChemFLError(f"{where}: profile local runs on this one machine, so nodes = {nodes} is impossible; "
-                          "set nodes = 1 (and raise supernodes-per-node for more SuperNodes)")
+        raise ChemFLError(
+            f"{where}: profile local runs on this one machine, so nodes = {nodes} is impossible; "
+            "set nodes = 1 (and raise supernodes-per-node for more SuperNodes)"
+        )
 
     walltime_seconds = _walltime(table, profile, queue, where)
     supernodes_per_node = _get(table, "supernodes-per-node", int, profile.gpus_per_node, where)
     if not 1 <= supernodes_per_node <= profile.gpus_per_node:
-        raise ChemFLError(f"{where}: supernodes-per-node = {supernodes_per_node}, but a {profile.name} node has "
-                          f"{profile.gpus_per_node} {profile.device}(s) and each SuperNode gets its own; "
-                          f"set it between 1 and {profile.gpus_per_node}")
+        raise ChemFLError(
+            f"{where}: supernodes-per-node = {supernodes_per_node}, but a {profile.name} node has "
+            f"{profile.gpus_per_node} {profile.device}(s) and each SuperNode gets its own; "
+            f"set it between 1 and {profile.gpus_per_node}"
+        )
 
     directives = _strings(table, "directives", (), where)
     if directives and is_local:
         raise ChemFLError(f"{where}: profile local has no scheduler to read directives; remove directives")
     for line in directives:
         if not line.startswith("-"):
-            raise ChemFLError(f'{where}: directive "{line}" should be the option alone, e.g. "-l place=scatter" '
-                              "or \"--mail-type=END\"; the #PBS / #SBATCH prefix is added")
+            raise ChemFLError(
+                f'{where}: directive "{line}" should be the option alone, e.g. "-l place=scatter" '
+                'or "--mail-type=END"; the #PBS / #SBATCH prefix is added'
+            )
 
     proxy = _get(table, "proxy", str, profile.default_proxy, where)
     if proxy and not re.match(r"^https?://[^\s'\"\\`]+$", proxy):
-        raise ChemFLError(f'{where}: proxy "{proxy}" is not a URL; write it like "http://proxy.example.org:3128", '
-                          'or "" for none')
+        raise ChemFLError(
+            f'{where}: proxy "{proxy}" is not a URL; write it like "http://proxy.example.org:3128", or "" for none'
+        )
 
     data_path = _path(table, "data-path", None, where)
     if is_local:  # on this machine: check it, and make it absolute so the script runs from anywhere
         folder = Path(os.path.expandvars(os.path.expanduser(data_path)))
         if not folder.is_dir():
-            raise ChemFLError(f'{where}: data-path "{data_path}" is not a folder on this machine; build the '
-                              "partitions (chemfl data build) and point data-path at this facility's shard folder")
+            raise ChemFLError(
+                f'{where}: data-path "{data_path}" is not a folder on this machine; build the '
+                "partitions (chemfl data build) and point data-path at this facility's shard folder"
+            )
         data_path = _quotable(str(folder.resolve()), "data-path", where)
 
     backend = _get(table, "backend", str, "cli", where)
@@ -267,13 +298,17 @@ def _facility(name: str, table: dict[str, Any]) -> Facility:
         if is_local:
             raise ChemFLError(f'{where}: profile local runs with bash on this machine; set backend = "cli"')
         if not globus_endpoint:
-            raise ChemFLError(f'{where}: backend = "globus" needs the endpoint to run on; add '
-                              'globus-endpoint = "<endpoint UUID>" (globus-compute-endpoint list shows it)')
+            raise ChemFLError(
+                f'{where}: backend = "globus" needs the endpoint to run on; add '
+                'globus-endpoint = "<endpoint UUID>" (globus-compute-endpoint list shows it)'
+            )
         try:
             uuid.UUID(globus_endpoint)
         except ValueError:
-            raise ChemFLError(f'{where}: globus-endpoint "{globus_endpoint}" is not an endpoint id (a UUID); '
-                              "copy it from globus-compute-endpoint list") from None
+            raise ChemFLError(
+                f'{where}: globus-endpoint "{globus_endpoint}" is not an endpoint id (a UUID); '
+                "copy it from globus-compute-endpoint list"
+            ) from None
 
     max_resubmits = _get(table, "max-resubmits", int, 3, where)
     backoff = _get(table, "resubmit-backoff", (int, float), 60, where)
@@ -307,8 +342,10 @@ def _profile(table: dict[str, Any], where: str) -> Profile:
     if not name:
         raise ChemFLError(f'{where}: no profile; add profile = "<one of {known}>"')
     if name not in PROFILES:
-        raise ChemFLError(f'{where}: profile "{name}" is unknown; use one of {known} '
-                          "(pbs, slurm and local are generic: set gpus-per-node and gpu-pinning yourself)")
+        raise ChemFLError(
+            f'{where}: profile "{name}" is unknown; use one of {known} '
+            "(pbs, slurm and local are generic: set gpus-per-node and gpu-pinning yourself)"
+        )
     profile = PROFILES[name]
     if not profile.generic:
         return profile
@@ -319,8 +356,9 @@ def _profile(table: dict[str, Any], where: str) -> Profile:
     if pinning not in GPU_PINNINGS:
         raise ChemFLError(f'{where}: gpu-pinning "{pinning}" is unknown; use one of {", ".join(GPU_PINNINGS)}')
     if pinning == "srun" and profile.scheduler != "slurm":
-        raise ChemFLError(f'{where}: gpu-pinning "srun" needs Slurm, and profile {name} has none; '
-                          'use "cuda", "ze" or "none"')
+        raise ChemFLError(
+            f'{where}: gpu-pinning "srun" needs Slurm, and profile {name} has none; use "cuda", "ze" or "none"'
+        )
     return dataclasses.replace(profile, gpus_per_node=gpus, gpu_pinning=pinning)
 
 
@@ -338,8 +376,10 @@ def _walltime(table: dict[str, Any], profile: Profile, queue: str, where: str) -
     if cap is not None and seconds > cap:
         longer = [name for name, limit in profile.queue_walltime_caps.items() if limit >= seconds]
         fix = f"or queue = one of {', '.join(longer)}" if longer else "no other queue allows it either"
-        raise ChemFLError(f"{where}: walltime {format_walltime(seconds)} is over queue {queue}'s cap of "
-                          f"{format_walltime(cap)}; pick a shorter walltime, {fix}")
+        raise ChemFLError(
+            f"{where}: walltime {format_walltime(seconds)} is over queue {queue}'s cap of "
+            f"{format_walltime(cap)}; pick a shorter walltime, {fix}"
+        )
     return seconds
 
 
@@ -352,8 +392,17 @@ def _get(table: dict[str, Any], key: str, kind: type | tuple[type, ...], default
     value = table[key]
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        wanted = " or ".join({"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
-                              "dict": "a table ({...})", "list": "a list ([...])"}[k.__name__] for k in kinds)
+        wanted = " or ".join(
+            {
+                "str": "a string",
+                "int": "an integer",
+                "float": "a number",
+                "bool": "true or false",
+                "dict": "a table ({...})",
+                "list": "a list ([...])",
+            }[k.__name__]
+            for k in kinds
+        )
         raise ChemFLError(f"{where}: {key} = {value!r} should be {wanted}")
     return value
 
@@ -375,8 +424,10 @@ def _path(table: dict[str, Any], key: str, default: str | None, where: str) -> s
 
 def _quotable(path: str, key: str, where: str) -> str:
     if UNQUOTABLE.search(path):
-        raise ChemFLError(f"{where}: {key} \"{path}\" contains a quote, backslash or backtick, which the "
-                          "rendered script cannot quote; move the folder to a plainer path")
+        raise ChemFLError(
+            f'{where}: {key} "{path}" contains a quote, backslash or backtick, which the '
+            "rendered script cannot quote; move the folder to a plainer path"
+        )
     return path
 
 

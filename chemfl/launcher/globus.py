@@ -75,8 +75,10 @@ class GlobusBackend:
             self.executors[target.facility] = self.executor_factory(target)
             # One function object per facility: the Executor registers each new object with the service.
             self.functions[target.facility] = ShellFunction(
-                escape_braces(target.body), walltime=target.walltime_seconds,
-                name=shell_function_name(target.facility), return_dict=True,
+                escape_braces(target.body),
+                walltime=target.walltime_seconds,
+                name=shell_function_name(target.facility),
+                return_dict=True,
             )
         future = self.executors[target.facility].submit(self.functions[target.facility])
         # A Globus Executor batches submissions, so the task id usually arrives later.
@@ -114,4 +116,3 @@ class GlobusBackend:
                 "a Globus task can follow it"
             )
         return self.futures[job_id]
-

@@ -30,13 +30,17 @@ class Profile:
     name: str
     scheduler: str  # "pbs" | "slurm" | "local"
     gpus_per_node: int  # accelerators a SuperNode can be pinned to: GPUs, tiles (Aurora), GCDs (Frontier)
-    gpu_pinning: str  # "cuda" (CUDA_VISIBLE_DEVICES) | "ze" (ZE_AFFINITY_MASK) | "srun" (one Slurm task per GPU) | "none"
+    gpu_pinning: (
+        str  # "cuda" (CUDA_VISIBLE_DEVICES) | "ze" (ZE_AFFINITY_MASK) | "srun" (one Slurm task per GPU) | "none"
+    )
     device: str = "GPU"  # what one SuperNode gets, in the script's comments
     directives: tuple[str, ...] = ()  # lines every job needs beyond account, queue, nodes and walltime
     select_resources: str = ""  # PBS: appended to `select=<nodes>`
     queue_flag: str = ""  # Slurm: the option that names the queue, "--partition" or "--qos" (PBS: always -q)
     queue_flag_overrides: dict[str, str] = field(default_factory=dict)  # queues that take the other option
-    queue_walltime_caps: dict[str, int] = field(default_factory=dict)  # queue -> longest walltime (s); unlisted: unchecked
+    queue_walltime_caps: dict[str, int] = field(
+        default_factory=dict
+    )  # queue -> longest walltime (s); unlisted: unchecked
     default_queue: str = ""
     default_proxy: str = ""  # outbound proxy of the compute nodes; "" = direct
     default_setup: tuple[str, ...] = ()  # shell lines that load the site's Python stack

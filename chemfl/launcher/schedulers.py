@@ -14,6 +14,7 @@ the job ended: a flaky qstat must never make the watcher submit a second copy of
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -327,8 +328,12 @@ class LocalScheduler:
         bash = require_on_path("bash")
         with next_log_path(script).open("w") as log:
             process = subprocess.Popen(
-                [bash, str(script)], cwd=script.parent, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                [bash, str(script)],
+                cwd=script.parent,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         self.processes[process.pid] = process
         return f"{LOCAL_PREFIX}{process.pid}"
@@ -349,10 +354,8 @@ class LocalScheduler:
         pid = local_pid(job_id)
         if pid not in self.processes and not process_alive(pid):
             return  # already over; the pid may since belong to someone else
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGTERM)  # the group: bash and every SuperNode it started
-        except ProcessLookupError:
-            pass
 
     def exit_code(self, job_id: str) -> int | None:
         return self.exit_codes.get(local_pid(job_id))

@@ -158,17 +158,13 @@ def make_certificates(
     Private keys are written with mode 0600; every file is written to a temp file and renamed.
     """
     out_dir = Path(out_dir)
-    paths = CertificatePaths(
-        out_dir / CA_CERT, out_dir / CA_KEY, out_dir / SERVER_CERT, out_dir / SERVER_KEY
-    )
+    paths = CertificatePaths(out_dir / CA_CERT, out_dir / CA_KEY, out_dir / SERVER_CERT, out_dir / SERVER_KEY)
     names = _san_hosts(hosts)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     pem = serialization.Encoding.PEM
 
     def key_bytes(key: ec.EllipticCurvePrivateKey) -> bytes:
-        return key.private_bytes(
-            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        return key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
     if paths.ca_cert.exists() and not replace_ca:
         ca_cert, ca_key = _load_ca(paths)
@@ -187,9 +183,15 @@ def make_certificates(
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=False, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                    crl_sign=True, encipher_only=False, decipher_only=False,
+                    digital_signature=False,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )
@@ -220,16 +222,20 @@ def make_certificates(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=True, key_cert_sign=False,
-                crl_sign=False, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(server_key.public_key()), critical=False
-        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(server_key.public_key()), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
             critical=False,
@@ -328,9 +334,7 @@ def make_supernode_keys(out_dir: Path, names: list[str]) -> dict[str, KeyPair]:
                 ),
                 0o600,
             )
-        public = key.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-        )
+        public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
         line = public + f" chemfl-{name}\n".encode()
         existing = pair.public_key.read_bytes() if pair.public_key.exists() else b""
         if existing.split()[:2] != line.split()[:2]:
@@ -395,9 +399,12 @@ def superlink_command(
     else:
         assert certificates is not None
         command += [
-            "--ssl-ca-certfile", str(certificates.ca_cert),
-            "--ssl-certfile", str(certificates.server_cert),
-            "--ssl-keyfile", str(certificates.server_key),
+            "--ssl-ca-certfile",
+            str(certificates.ca_cert),
+            "--ssl-certfile",
+            str(certificates.server_cert),
+            "--ssl-keyfile",
+            str(certificates.server_key),
         ]
         if enable_supernode_auth is None or enable_supernode_auth:
             command.append("--enable-supernode-auth")
@@ -429,9 +436,7 @@ def _no_local_proxy(base: Mapping[str, str] | None = None) -> dict[str, str]:
 # --------------------------------------------------------------------------- registration
 
 
-def register_commands(
-    public_keys: Iterable[Path], connection_name: str, *, flwr: str = "flwr"
-) -> list[list[str]]:
+def register_commands(public_keys: Iterable[Path], connection_name: str, *, flwr: str = "flwr") -> list[list[str]]:
     """`flwr supernode register <key.pub> <connection> --name <name>` per public key.
 
     The name shown by `flwr supernode list` is the file name without `.pub`.
@@ -441,9 +446,7 @@ def register_commands(
     for key in public_keys:
         key = Path(key)
         name = key.name.removesuffix(".pub")
-        commands.append(
-            [flwr, "supernode", "register", str(key), connection_name, "--name", name]
-        )
+        commands.append([flwr, "supernode", "register", str(key), connection_name, "--name", name])
     return commands
 
 
@@ -466,9 +469,7 @@ def register_supernodes(
     for command in register_commands(public_keys, connection_name, flwr=flwr):
         name = command[command.index("--name") + 1]
         try:
-            done = subprocess.run(
-                command, capture_output=True, text=True, timeout=timeout, env=env, check=False
-            )
+            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, check=False)
         except (OSError, subprocess.TimeoutExpired) as err:
             report.failed[name] = f"{' '.join(command)}: {err}"
             continue
@@ -507,8 +508,8 @@ def write_connection(
     Then `FLWR_HOME=<flwr_home> flwr run . <name>` reaches the SuperLink. A missing file starts
     from flwr's own default (which keeps the `local` simulation connection). Returns the file.
     """
-    from flwr.cli.constant import DEFAULT_FLOWER_CONFIG_TOML
     import tomli_w
+    from flwr.cli.constant import DEFAULT_FLOWER_CONFIG_TOML
 
     _check_connection_name(name)
     host, _ = parse_address(control_address)
@@ -516,8 +517,7 @@ def write_connection(
     if insecure:
         if root_certificates is not None:
             raise ChemFLError(
-                "a connection cannot be insecure and carry root-certificates (flwr refuses it): "
-                "drop one of them."
+                "a connection cannot be insecure and carry root-certificates (flwr refuses it): drop one of them."
             )
         if not _is_local(host):
             raise ChemFLError(
@@ -528,9 +528,7 @@ def write_connection(
     elif root_certificates is not None:
         ca = Path(root_certificates).expanduser().resolve()
         if not ca.is_file():
-            raise ChemFLError(
-                f"root certificates {ca} do not exist: give the ca.crt written by make_certificates()."
-            )
+            raise ChemFLError(f"root certificates {ca} do not exist: give the ca.crt written by make_certificates().")
         entry["root-certificates"] = str(ca)  # flwr requires an absolute path
     path = Path(flwr_home) / FLOWER_CONFIG_FILE
     if path.exists():
@@ -557,9 +555,7 @@ def write_connection(
 # --------------------------------------------------------------------------- reachability
 
 
-def check_superlink(
-    address: str, root_certificates: Path | None, insecure: bool, timeout: float = 5
-) -> None:
+def check_superlink(address: str, root_certificates: Path | None, insecure: bool, timeout: float = 5) -> None:
     """Raise ChemFLError unless `address` accepts TCP and (unless insecure) a TLS handshake
     whose certificate `root_certificates` verifies for that host name.
 
@@ -568,9 +564,7 @@ def check_superlink(
     host, port = parse_address(address)
     if insecure:
         if root_certificates is not None:
-            raise ChemFLError(
-                f"check of {address}: insecure and root_certificates exclude each other: drop one."
-            )
+            raise ChemFLError(f"check of {address}: insecure and root_certificates exclude each other: drop one.")
         if not _is_local(host):
             raise ChemFLError(
                 f"insecure (plain TCP, no TLS) is only for a SuperLink on 127.0.0.1/localhost, not "
@@ -585,9 +579,7 @@ def check_superlink(
                 "make_certificates() (copied from the SuperLink host)."
             )
         try:
-            context = ssl.create_default_context(
-                cafile=str(root_certificates) if root_certificates else None
-            )
+            context = ssl.create_default_context(cafile=str(root_certificates) if root_certificates else None)
         except ssl.SSLError as err:
             raise ChemFLError(
                 f"{root_certificates} is not a PEM CA certificate ({err}): give the ca.crt from make_certificates()."

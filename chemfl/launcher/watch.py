@@ -172,8 +172,12 @@ class FacilityJob:
 
     def snapshot(self) -> dict:
         return {
-            "backend": self.backend, "job_id": self.job_id, "state": self.state, "attempt": self.attempt,
-            "resubmit_at": self.resubmit_at, "last_event": self.last_event,
+            "backend": self.backend,
+            "job_id": self.job_id,
+            "state": self.state,
+            "attempt": self.attempt,
+            "resubmit_at": self.resubmit_at,
+            "last_event": self.last_event,
             "last_event_time": self.last_event_time,
         }
 
@@ -293,7 +297,11 @@ class Watcher:
             early = ran_seconds is None or ran_seconds < job.target.walltime_seconds / 2
             resubmit_at = self.plan_resubmission(job, now, early)
             self.record(
-                "ended", job, now, ran_seconds=ran_seconds, resubmit_at=resubmit_at,
+                "ended",
+                job,
+                now,
+                ran_seconds=ran_seconds,
+                resubmit_at=resubmit_at,
                 **backend.end_details(job.job_id),
             )
             if resubmit_at is None:
@@ -318,21 +326,30 @@ class Watcher:
 
     def record(self, event: str, job: FacilityJob, now: float, **fields) -> None:
         entry = {
-            "time": now, "event": event, "facility": job.target.facility, "backend": job.backend,
-            "job_id": job.job_id, "attempt": job.attempt, **fields,
+            "time": now,
+            "event": event,
+            "facility": job.target.facility,
+            "backend": job.backend,
+            "job_id": job.job_id,
+            "attempt": job.attempt,
+            **fields,
         }
         append_event(self.launch_dir, entry)
         job.last_event, job.last_event_time = event, now
         level = logging.WARNING if event in ("error", "gave-up") else logging.INFO
-        logger.log(level, "%s: %s (job %s, attempt %d) %s", job.target.facility, event, job.job_id, job.attempt,
-                   fields or "")
+        logger.log(
+            level, "%s: %s (job %s, attempt %d) %s", job.target.facility, event, job.job_id, job.attempt, fields or ""
+        )
 
     def save(self, watching: bool = True) -> None:
-        write_state(self.launch_dir, {
-            "watcher_pid": os.getpid() if watching else None,
-            "updated": self.clock(),
-            "facilities": {job.target.facility: job.snapshot() for job in self.jobs},
-        })
+        write_state(
+            self.launch_dir,
+            {
+                "watcher_pid": os.getpid() if watching else None,
+                "updated": self.clock(),
+                "facilities": {job.target.facility: job.snapshot() for job in self.jobs},
+            },
+        )
 
 
 # --- from another process: status and stop ---------------------------------------------------------
@@ -342,11 +359,18 @@ def status(launch_dir: Path) -> list[dict]:
     """One row per facility: facility, backend, job_id, state, attempts, resubmit_at, last_event, last_event_time."""
     rows = []
     for facility, entry in read_state(launch_dir)["facilities"].items():
-        rows.append({
-            "facility": facility, "backend": entry["backend"], "job_id": entry["job_id"], "state": entry["state"],
-            "attempts": entry["attempt"] + 1, "resubmit_at": entry["resubmit_at"],
-            "last_event": entry["last_event"], "last_event_time": entry["last_event_time"],
-        })
+        rows.append(
+            {
+                "facility": facility,
+                "backend": entry["backend"],
+                "job_id": entry["job_id"],
+                "state": entry["state"],
+                "attempts": entry["attempt"] + 1,
+                "resubmit_at": entry["resubmit_at"],
+                "last_event": entry["last_event"],
+                "last_event_time": entry["last_event_time"],
+            }
+        )
     return rows
 
 
@@ -375,8 +399,7 @@ def stop(
     deadline = clock() + wait_seconds
     while watcher_pid(launch_dir) not in (None, os.getpid()):
         if clock() >= deadline:
-            logger.warning("the watcher of %s did not exit within %.0f s; cancelling anyway", launch_dir,
-                           wait_seconds)
+            logger.warning("the watcher of %s did not exit within %.0f s; cancelling anyway", launch_dir, wait_seconds)
             break
         sleep(STOP_WAIT_POLL_SECONDS)
     backends = default_backends() if backends is None else backends
@@ -394,8 +417,13 @@ def stop(
             except Exception as error:  # cancel the other facilities regardless
                 note = f"cancel failed: {describe(error)}"
         event = {
-            "time": now, "event": "cancelled", "facility": facility, "backend": entry["backend"],
-            "job_id": job_id, "attempt": entry["attempt"], "note": note,
+            "time": now,
+            "event": "cancelled",
+            "facility": facility,
+            "backend": entry["backend"],
+            "job_id": job_id,
+            "attempt": entry["attempt"],
+            "note": note,
         }
         append_event(launch_dir, event)
         entry.update(state="cancelled", resubmit_at=None, last_event="cancelled", last_event_time=now)

@@ -24,8 +24,12 @@ class EvalSpec:
 
     @classmethod
     def from_config(cls, config: dict[str, Scalar], prefix: str = "eval") -> EvalSpec:
-        return cls(int(config[f"{prefix}.loss-per-task"]), int(config[f"{prefix}.generate-per-task"]),
-                   int(config[f"{prefix}.max-new-tokens"]), int(config[f"{prefix}.batch-size"]))
+        return cls(
+            int(config[f"{prefix}.loss-per-task"]),
+            int(config[f"{prefix}.generate-per-task"]),
+            int(config[f"{prefix}.max-new-tokens"]),
+            int(config[f"{prefix}.batch-size"]),
+        )
 
 
 def per_task_head(records: Sequence[dict], per_task: int) -> list[dict]:
@@ -40,15 +44,18 @@ def per_task_head(records: Sequence[dict], per_task: int) -> list[dict]:
 
 
 @torch.no_grad()
-def answer_loss(model, tokenizer, records: Sequence[dict], max_length: int, batch_size: int,
-                system_prompt: str | None) -> float:
+def answer_loss(
+    model, tokenizer, records: Sequence[dict], max_length: int, batch_size: int, system_prompt: str | None
+) -> float:
     """Mean cross-entropy per answer token."""
     examples, _ = tokenize_examples(tokenizer, records, max_length, system_prompt)
     device = next(model.parameters()).device
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], tokenizer.pad_token_id).items()}
+        batch = {
+            k: v.to(device) for k, v in collate(examples[start : start + batch_size], tokenizer.pad_token_id).items()
+        }
         loss_sum, tokens = answer_token_loss(model, batch)
         total += loss_sum.item()
         count += tokens
@@ -56,34 +63,44 @@ def answer_loss(model, tokenizer, records: Sequence[dict], max_length: int, batc
 
 
 @torch.no_grad()
-def generate(model, tokenizer, records: Sequence[dict], max_new_tokens: int, batch_size: int,
-             system_prompt: str | None) -> list[str]:
+def generate(
+    model, tokenizer, records: Sequence[dict], max_new_tokens: int, batch_size: int, system_prompt: str | None
+) -> list[str]:
     """Greedy completions of each record's instruction (left-padded batches)."""
     device = next(model.parameters()).device
     model.eval()
     outputs = []
     for start in range(0, len(records), batch_size):
-        prompts = [render_prompt(tokenizer, r["input"], system_prompt) for r in records[start:start + batch_size]]
+        prompts = [render_prompt(tokenizer, r["input"], system_prompt) for r in records[start : start + batch_size]]
         encoded = [{"input_ids": tokenizer(p, add_special_tokens=False)["input_ids"]} for p in prompts]
         for item in encoded:
             item["attention_mask"] = [1] * len(item["input_ids"])
         batch = collate(encoded, tokenizer.pad_token_id, left=True)
         generated = model.generate(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-        new_tokens = generated[:, batch["input_ids"].shape[1]:]
+        new_tokens = generated[:, batch["input_ids"].shape[1] :]
         outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     return outputs
 
 
-def evaluate(model, tokenizer, records: Sequence[dict], spec: EvalSpec, max_length: int,
-             system_prompt: str | None) -> dict:
+def evaluate(
+    model, tokenizer, records: Sequence[dict], spec: EvalSpec, max_length: int, system_prompt: str | None
+) -> dict:
     """{"loss", "n_loss", "n_generated", "tasks": per-task metrics, "overall": macro means}."""
     loss_records = per_task_head(records, spec.loss_per_task)
-    result: dict = {"loss": answer_loss(model, tokenizer, loss_records, max_length, spec.batch_size, system_prompt),
-                    "n_loss": len(loss_records), "n_generated": 0, "tasks": {}, "overall": {}}
+    result: dict = {
+        "loss": answer_loss(model, tokenizer, loss_records, max_length, spec.batch_size, system_prompt),
+        "n_loss": len(loss_records),
+        "n_generated": 0,
+        "tasks": {},
+        "overall": {},
+    }
     if spec.generate_per_task > 0:
         generation_records = per_task_head(records, spec.generate_per_task)
         texts = generate(model, tokenizer, generation_records, spec.max_new_tokens, spec.batch_size, system_prompt)

@@ -27,7 +27,10 @@ def attach_lora(model, spec: LoraSpec, quantized: bool):
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = LoraConfig(
-        r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, bias="none",
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        bias="none",
         target_modules=spec.target_modules if spec.target_modules == "all-linear" else list(spec.target_modules),
         task_type="CAUSAL_LM",
     )
@@ -38,11 +41,16 @@ def attach_lora(model, spec: LoraSpec, quantized: bool):
         except ValueError as error:
             if "not found" not in str(error).lower() and "target modules" not in str(error).lower():
                 raise
-            linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                             if isinstance(module, torch.nn.Linear)})
+            linear = sorted(
+                {
+                    name.rsplit(".", 1)[-1]
+                    for name, module in model.named_modules()
+                    if isinstance(module, torch.nn.Linear)
+                }
+            )
             raise ChemFLError(
                 f"lora.target-modules {spec.target_modules!r} are not in this model; its linear "
-                f"layers are {linear} (or use \"all-linear\")"
+                f'layers are {linear} (or use "all-linear")'
             ) from error
     if spec.freeze_a:
         for name, parameter in peft_model.named_parameters():
@@ -70,8 +78,9 @@ def exchanged_state(peft_model, spec: LoraSpec) -> OrderedDict[str, torch.Tensor
 
 def load_exchanged_state(peft_model, spec: LoraSpec, state: dict[str, torch.Tensor]) -> None:
     """Copy received tensors into the adapter; keys and shapes must match exactly."""
-    parameters = {_adapter_name(name): p for name, p in peft_model.named_parameters()
-                  if ".lora_A." in name or ".lora_B." in name}
+    parameters = {
+        _adapter_name(name): p for name, p in peft_model.named_parameters() if ".lora_A." in name or ".lora_B." in name
+    }
     expected = {k for k in parameters if not (spec.freeze_a and ".lora_A." in k)}
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)

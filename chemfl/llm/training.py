@@ -35,15 +35,23 @@ class TrainSpec:
     @classmethod
     def from_config(cls, config: dict[str, Scalar]) -> TrainSpec:
         spec = cls(
-            local_steps=int(config["train.local-steps"]), batch_size=int(config["train.batch-size"]),
-            grad_accum=int(config["train.grad-accum"]), lr=float(config["train.lr"]),
-            lr_schedule=str(config["train.lr-schedule"]), warmup_steps=int(config["train.warmup-steps"]),
-            max_length=int(config["train.max-length"]), seed=int(config["train.seed"]),
+            local_steps=int(config["train.local-steps"]),
+            batch_size=int(config["train.batch-size"]),
+            grad_accum=int(config["train.grad-accum"]),
+            lr=float(config["train.lr"]),
+            lr_schedule=str(config["train.lr-schedule"]),
+            warmup_steps=int(config["train.warmup-steps"]),
+            max_length=int(config["train.max-length"]),
+            seed=int(config["train.seed"]),
         )
         if spec.lr_schedule not in SCHEDULES:
             raise ChemFLError(f"train.lr-schedule = {spec.lr_schedule!r}; use one of {', '.join(SCHEDULES)}")
-        for key, value in (("train.local-steps", spec.local_steps), ("train.batch-size", spec.batch_size),
-                           ("train.grad-accum", spec.grad_accum), ("train.max-length", spec.max_length)):
+        for key, value in (
+            ("train.local-steps", spec.local_steps),
+            ("train.batch-size", spec.batch_size),
+            ("train.grad-accum", spec.grad_accum),
+            ("train.max-length", spec.max_length),
+        ):
             if value <= 0:
                 raise ChemFLError(f"{key} = {value} must be positive")
         if not spec.lr > 0:
@@ -116,10 +124,13 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
         if schedule == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * progress))
         return 1.0
+
     return factor
 
 
-def train_local(model, examples: Sequence[dict | None], spec: TrainSpec, pad_id: int, seed: int, accelerator) -> TrainResult:
+def train_local(
+    model, examples: Sequence[dict | None], spec: TrainSpec, pad_id: int, seed: int, accelerator
+) -> TrainResult:
     """`spec.local_steps` optimizer steps of AdamW over the trainable (LoRA) parameters."""
     if not len(examples):
         raise ChemFLError("this node has no training examples")
@@ -127,7 +138,8 @@ def train_local(model, examples: Sequence[dict | None], spec: TrainSpec, pad_id:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(spec.lr_schedule, spec.warmup_steps, spec.local_steps))
+        optimizer, lr_lambda(spec.lr_schedule, spec.warmup_steps, spec.local_steps)
+    )
     stream = example_stream(examples, seed)
     model.train()
     losses, tokens = [], 0

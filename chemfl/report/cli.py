@@ -15,15 +15,21 @@ SUMMARY = "summary.md"
 
 def register(verbs: argparse._SubParsersAction) -> None:
     report = verbs.add_parser(
-        "report", help="plot and tabulate finished runs: test loss, facility timelines, updates, node-hours",
+        "report",
+        help="plot and tabulate finished runs: test loss, facility timelines, updates, node-hours",
         description="Reads run folders (outputs/<run-name>/: config.json, metrics.jsonl) and writes loss.png, "
         "timeline.png (runs with batch-job lines), updates.png and summary.md to a new report folder.",
     )
     # nargs="*" so that no runs at all gets ChemFLError's message rather than argparse's usage line.
     report.add_argument("runs", nargs="*", type=Path, metavar="RUN", help="run folders, e.g. outputs/bench-fedavg")
     report.add_argument("--out", type=Path, default=None, help="report folder (default: reports/<timestamp>)")
-    report.add_argument("--target", type=float, default=None, metavar="LOSS",
-                        help="target test loss: drawn on loss.png, time to reach it in summary.md")
+    report.add_argument(
+        "--target",
+        type=float,
+        default=None,
+        metavar="LOSS",
+        help="target test loss: drawn on loss.png, time to reach it in summary.md",
+    )
     report.add_argument("--force", action="store_true", help="replace an existing report in --out")
     report.set_defaults(handler=run_report)
 
@@ -56,16 +62,23 @@ def write_report(run_folders: Sequence[Path], out: Path, target: float | None, f
     try:
         figures = [("loss.png", "Test loss against time, one line per run")]
         plots.plot_loss(runs, labels, target, unit, staging / "loss.png")
-        timed = [(run, label) for run, label in zip(runs, labels) if run.jobs]
+        timed = [(run, label) for run, label in zip(runs, labels, strict=False) if run.jobs]
         if timed:
-            plots.plot_timeline([run for run, _ in timed], [label for _, label in timed], unit,
-                                staging / "timeline.png")
+            plots.plot_timeline(
+                [run for run, _ in timed], [label for _, label in timed], unit, staging / "timeline.png"
+            )
             figures.append(("timeline.png", "Batch jobs per facility: queued, training, idle, work lost"))
         plots.plot_updates(summaries, labels, staging / "updates.png")
         figures.append(("updates.png", "Accepted updates and mean staleness per facility"))
-        untimed = [label for run, label in zip(runs, labels) if not run.jobs]
-        notes = [f"No batch-job lines (plain simulation): {', '.join(untimed)}. The timeline and the node-hour "
-                 "columns cover only runs with job lines."] if untimed else []
+        untimed = [label for run, label in zip(runs, labels, strict=False) if not run.jobs]
+        notes = (
+            [
+                f"No batch-job lines (plain simulation): {', '.join(untimed)}. The timeline and the node-hour "
+                "columns cover only runs with job lines."
+            ]
+            if untimed
+            else []
+        )
         summary = render_summary(summaries, labels, target, unit, figures, notes)
         (staging / SUMMARY).write_text(summary, encoding="utf-8")
         replace_dir(staging, out)

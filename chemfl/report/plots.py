@@ -44,8 +44,14 @@ STATE_COLOURS = {  # timeline states
     "work lost": "#D55E00",
 }
 PAPER_STYLE = {
-    "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "xtick.labelsize": 8, "ytick.labelsize": 8,
-    "legend.fontsize": 8, "axes.spines.top": False, "axes.spines.right": False,
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.labelsize": 9,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "legend.fontsize": 8,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
 }
 
 
@@ -64,8 +70,14 @@ def run_styles(runs: Sequence[Run]) -> list[RunStyle]:
         colour = STRATEGY_COLOURS.get(run.strategy, OTHER_STRATEGY_COLOUR)
         nth = seen.get(colour, 0)
         seen[colour] = nth + 1
-        styles.append(RunStyle(colour, STRATEGY_MARKERS.get(run.strategy, OTHER_STRATEGY_MARKER),
-                               LINE_STYLES[nth % len(LINE_STYLES)], HATCHES[nth % len(HATCHES)]))
+        styles.append(
+            RunStyle(
+                colour,
+                STRATEGY_MARKERS.get(run.strategy, OTHER_STRATEGY_MARKER),
+                LINE_STYLES[nth % len(LINE_STYLES)],
+                HATCHES[nth % len(HATCHES)],
+            )
+        )
     return styles
 
 
@@ -85,16 +97,24 @@ def time_label(runs: Sequence[Run], unit: TimeUnit) -> str:
 
 # --- loss.png -------------------------------------------------------------------------------------
 
+
 def plot_loss(runs: Sequence[Run], labels: Sequence[str], target: float | None, unit: TimeUnit, path: Path) -> None:
     """Test loss at each centralized evaluation against time, one line per run."""
     with matplotlib.rc_context(PAPER_STYLE):
         figure = new_figure(3.4)
         axes = figure.add_subplot()
-        for run, label, style in zip(runs, labels, run_styles(runs)):
+        for run, label, style in zip(runs, labels, run_styles(runs), strict=False):
             if run.evaluations:
-                axes.plot([unit.of(e.time) for e in run.evaluations], [e.loss for e in run.evaluations],
-                          color=style.colour, linestyle=style.linestyle, marker=style.marker, markersize=4,
-                          linewidth=1.5, label=label)
+                axes.plot(
+                    [unit.of(e.time) for e in run.evaluations],
+                    [e.loss for e in run.evaluations],
+                    color=style.colour,
+                    linestyle=style.linestyle,
+                    marker=style.marker,
+                    markersize=4,
+                    linewidth=1.5,
+                    label=label,
+                )
         if target is not None:
             axes.axhline(target, color="0.35", linestyle=(0, (4, 2)), linewidth=1, label=f"target loss {target:g}")
         if not any(run.evaluations for run in runs):
@@ -111,23 +131,29 @@ def plot_loss(runs: Sequence[Run], labels: Sequence[str], target: float | None, 
 
 # --- timeline.png ---------------------------------------------------------------------------------
 
+
 def plot_timeline(runs: Sequence[Run], labels: Sequence[str], unit: TimeUnit, path: Path) -> None:
     """Per run (runs with job lines only), one row per facility: a thin upper band while a job
     waits in the queue, a wide lower band while jobs run, coloured by what the nodes did."""
     rows = [timeline_facilities(run) for run in runs]
     with matplotlib.rc_context(PAPER_STYLE):
         figure = new_figure(0.9 + sum(0.5 + 0.38 * len(facilities) for facilities in rows))
-        grid = figure.subplots(len(runs), 1, sharex=True, squeeze=False,
-                               gridspec_kw={"height_ratios": [max(1, len(f)) for f in rows]})
-        for axes, run, label, facilities in zip(grid[:, 0], runs, labels, rows):
+        grid = figure.subplots(
+            len(runs), 1, sharex=True, squeeze=False, gridspec_kw={"height_ratios": [max(1, len(f)) for f in rows]}
+        )
+        for axes, run, label, facilities in zip(grid[:, 0], runs, labels, rows, strict=False):
             draw_facility_rows(axes, run, facilities, unit)
             campaign = f", campaign {run.campaign}" if run.campaign else ""
             axes.set_title(f"{label}{campaign}", loc="left")
         grid[-1, 0].set_xlabel(time_label(runs, unit))
         grid[-1, 0].set_xlim(left=0)
         figure.suptitle("Batch jobs and training per facility")
-        figure.legend(handles=[Patch(facecolor=colour, label=state) for state, colour in STATE_COLOURS.items()],
-                      loc="outside lower center", ncol=len(STATE_COLOURS), frameon=False)
+        figure.legend(
+            handles=[Patch(facecolor=colour, label=state) for state, colour in STATE_COLOURS.items()],
+            loc="outside lower center",
+            ncol=len(STATE_COLOURS),
+            frameon=False,
+        )
         save(figure, path)
 
 
@@ -138,8 +164,12 @@ def timeline_facilities(run: Run) -> list[str]:
 
 def draw_facility_rows(axes: Axes, run: Run, facilities: Sequence[str], unit: TimeUnit) -> None:
     def bars(intervals: Sequence[Interval], row: int, band: tuple[float, float], state: str) -> None:
-        axes.broken_barh([(unit.of(i.start), unit.of(i.seconds)) for i in intervals],
-                         (row + band[0], band[1]), facecolors=STATE_COLOURS[state], linewidth=0)
+        axes.broken_barh(
+            [(unit.of(i.start), unit.of(i.seconds)) for i in intervals],
+            (row + band[0], band[1]),
+            facecolors=STATE_COLOURS[state],
+            linewidth=0,
+        )
 
     queue_band, run_band = (-0.42, 0.22), (-0.16, 0.56)  # row centre at 0; y grows downwards
     for row, facility in enumerate(facilities):
@@ -157,6 +187,7 @@ def draw_facility_rows(axes: Axes, run: Run, facilities: Sequence[str], unit: Ti
 
 # --- updates.png ----------------------------------------------------------------------------------
 
+
 def plot_updates(summaries: Sequence[RunSummary], labels: Sequence[str], path: Path) -> None:
     """Accepted updates and mean staleness per facility, one bar per run in each group."""
     runs = [summary.run for summary in summaries]
@@ -165,18 +196,21 @@ def plot_updates(summaries: Sequence[RunSummary], labels: Sequence[str], path: P
     with matplotlib.rc_context(PAPER_STYLE):
         figure = new_figure(3.2)
         count_axes, staleness_axes = figure.subplots(1, 2)
-        for index, (summary, label, style) in enumerate(zip(summaries, labels, run_styles(runs))):
+        for index, (summary, label, style) in enumerate(zip(summaries, labels, run_styles(runs), strict=False)):
             tallies = {facility.facility: facility.tally for facility in summary.facilities}
             offsets = [k + (index - (len(summaries) - 1) / 2) * width for k in range(len(facilities))]
             counts = [tallies[f].accepted if f in tallies else 0 for f in facilities]
-            staleness = [tallies[f].mean_staleness if f in tallies and tallies[f].mean_staleness is not None
-                         else math.nan for f in facilities]
+            staleness = [
+                tallies[f].mean_staleness if f in tallies and tallies[f].mean_staleness is not None else math.nan
+                for f in facilities
+            ]
             look = {"color": style.colour, "hatch": style.hatch, "edgecolor": "white", "linewidth": 0.5}
             count_bars = count_axes.bar(offsets, counts, width, label=label, **look)
             count_axes.bar_label(count_bars, fmt="%d", fontsize=7, padding=1)
             staleness_bars = staleness_axes.bar(offsets, staleness, width, **look)
-            staleness_axes.bar_label(staleness_bars, labels=["" if math.isnan(v) else f"{v:.1f}" for v in staleness],
-                                     fontsize=7, padding=1)
+            staleness_axes.bar_label(
+                staleness_bars, labels=["" if math.isnan(v) else f"{v:.1f}" for v in staleness], fontsize=7, padding=1
+            )
         for axes, ylabel, title in (
             (count_axes, "accepted updates", "Accepted updates"),
             (staleness_axes, "mean staleness (server versions)", "Mean staleness of arrived updates"),

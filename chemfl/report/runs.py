@@ -108,10 +108,12 @@ class Run:
 
 # --- reading ------------------------------------------------------------------------------------
 
+
 def read_runs(folders: Sequence[Path]) -> list[Run]:
     if not folders:
-        raise ChemFLError("no run folders given; pass one or more, e.g. chemfl report outputs/bench-fedavg "
-                          "outputs/bench-fedbuff")
+        raise ChemFLError(
+            "no run folders given; pass one or more, e.g. chemfl report outputs/bench-fedavg outputs/bench-fedbuff"
+        )
     return [read_run(Path(folder)) for folder in folders]
 
 
@@ -130,8 +132,10 @@ def read_run(folder: Path) -> Run:
         try:
             reader.add(line)
         except (KeyError, TypeError, ValueError) as error:
-            raise ChemFLError(f"{metrics} line {number}: malformed {line.get('event', 'round')!r} line "
-                              f"({type(error).__name__}: {error})") from None
+            raise ChemFLError(
+                f"{metrics} line {number}: malformed {line.get('event', 'round')!r} line "
+                f"({type(error).__name__}: {error})"
+            ) from None
     reader.attribute_lost_work()
     strategy = str(reader.run_line.get("strategy") or config.get("strategy.name") or "")
     if not strategy:
@@ -140,17 +144,26 @@ def read_run(folder: Path) -> Run:
     for job in reader.jobs.values():
         if job.ended is None:  # still queued or running when the log stops
             job.ended = end_time
-    shapes = {name: FacilityShape(int(spec.get("nodes", 1)), int(spec.get("supernodes", 1)))
-              for name, spec in reader.run_line.get("facilities", {}).items()}
+    shapes = {
+        name: FacilityShape(int(spec.get("nodes", 1)), int(spec.get("supernodes", 1)))
+        for name, spec in reader.run_line.get("facilities", {}).items()
+    }
     for job in reader.jobs.values():  # a facility the run line leaves out: one SuperNode per job
         shapes.setdefault(job.facility, FacilityShape(job.nodes, 1))
     configured = split_list(str(config.get("data.facilities", "")))
     return Run(
-        folder=folder, strategy=strategy, campaign=str(reader.run_line.get("campaign", "")),
+        folder=folder,
+        strategy=strategy,
+        campaign=str(reader.run_line.get("campaign", "")),
         virtual_time=bool(reader.run_line.get("virtual_time", False)),
         facilities=facility_order(reader.run_line.get("facilities", {}), configured, reader.facilities_met),
-        shapes=shapes, evaluations=sorted(reader.evaluations, key=lambda e: e.time), versions=reader.versions,
-        updates=reader.updates, lost=reader.lost, jobs=list(reader.jobs.values()), end_time=end_time,
+        shapes=shapes,
+        evaluations=sorted(reader.evaluations, key=lambda e: e.time),
+        versions=reader.versions,
+        updates=reader.updates,
+        lost=reader.lost,
+        jobs=list(reader.jobs.values()),
+        end_time=end_time,
     )
 
 
@@ -163,8 +176,9 @@ def read_lines(path: Path) -> list[tuple[int, dict]]:
         try:
             line = json.loads(text)
         except json.JSONDecodeError as error:
-            raise ChemFLError(f"{path} line {number} is not JSON ({error.msg}); was the run killed mid-write?") \
-                from None
+            raise ChemFLError(
+                f"{path} line {number} is not JSON ({error.msg}); was the run killed mid-write?"
+            ) from None
         if not isinstance(line, dict):
             raise ChemFLError(f"{path} line {number} is not a JSON object")
         lines.append((number, line))
@@ -207,8 +221,14 @@ class _MetricsReader:
     def add(self, line: dict) -> None:
         # Round lines written before they carried an event key (outputs/laptop) have "round".
         event = line.get("event", "round" if "round" in line else None)
-        handlers = {"run": self._run, "round": self._round, "version": self._version, "update": self._update,
-                    "lost": self._lost, "job": self._job}
+        handlers = {
+            "run": self._run,
+            "round": self._round,
+            "version": self._version,
+            "update": self._update,
+            "lost": self._lost,
+            "job": self._job,
+        }
         if event in handlers:
             handlers[event](line)
 
@@ -245,16 +265,30 @@ class _MetricsReader:
         dispatch = line.get("dispatch_time")
         if line["facility"] is not None:
             self.facility_of_node[line["node"]] = line["facility"]
-        self.updates.append(Update(
-            self._met(line["facility"]), bool(line["accepted"]), str(line["reason"]), int(line["staleness"]),
-            self._time(line["arrival_time"]), None if dispatch is None else self._time(dispatch),
-        ))
+        self.updates.append(
+            Update(
+                self._met(line["facility"]),
+                bool(line["accepted"]),
+                str(line["reason"]),
+                int(line["staleness"]),
+                self._time(line["arrival_time"]),
+                None if dispatch is None else self._time(dispatch),
+            )
+        )
 
     def _lost(self, line: dict) -> None:
         dispatch = line.get("dispatch_time")
-        self.lost_by_node.append((line.get("node"), LostWork(
-            line["facility"] or "", str(line["reason"]), self._time(line["time"]),
-            None if dispatch is None else self._time(dispatch))))
+        self.lost_by_node.append(
+            (
+                line.get("node"),
+                LostWork(
+                    line["facility"] or "",
+                    str(line["reason"]),
+                    self._time(line["time"]),
+                    None if dispatch is None else self._time(dispatch),
+                ),
+            )
+        )
 
     def attribute_lost_work(self) -> None:
         """Work lost before its node ever replied is logged without a facility: the node's update
@@ -272,6 +306,7 @@ class _MetricsReader:
 
 
 # --- computing ----------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class UpdateTally:
@@ -324,13 +359,22 @@ class FacilityTimeline:
 def facility_timeline(run: Run, facility: str) -> FacilityTimeline:
     jobs = [job for job in run.jobs if job.facility == facility]
     return FacilityTimeline(
-        queued=[Interval(job.queued, job.ended if job.started is None else job.started)
-                for job in jobs if job.queued is not None],
+        queued=[
+            Interval(job.queued, job.ended if job.started is None else job.started)
+            for job in jobs
+            if job.queued is not None
+        ],
         running=[Interval(job.started, job.ended) for job in jobs if job.started is not None],
-        busy=[Interval(update.dispatch_time, update.arrival_time) for update in run.updates
-              if update.facility == facility and update.dispatch_time is not None],
-        lost=[Interval(work.dispatch_time, work.time) for work in run.lost
-              if work.facility == facility and work.dispatch_time is not None],
+        busy=[
+            Interval(update.dispatch_time, update.arrival_time)
+            for update in run.updates
+            if update.facility == facility and update.dispatch_time is not None
+        ],
+        lost=[
+            Interval(work.dispatch_time, work.time)
+            for work in run.lost
+            if work.facility == facility and work.dispatch_time is not None
+        ],
     )
 
 
@@ -375,8 +419,9 @@ def summarize(run: Run, target: float | None) -> RunSummary:
     for facility in run.facilities:
         updates = [update for update in run.updates if update.facility == facility]
         lost = [work for work in run.lost if work.facility == facility]
-        facilities.append(FacilitySummary(facility, tally(updates, lost),
-                                          facility_node_hours(run, facility) if run.jobs else None))
+        facilities.append(
+            FacilitySummary(facility, tally(updates, lost), facility_node_hours(run, facility) if run.jobs else None)
+        )
     total_hours = None
     if run.jobs:
         parts = [summary.node_hours for summary in facilities]
@@ -391,6 +436,7 @@ def summarize(run: Run, target: float | None) -> RunSummary:
 
 
 # --- presentation helpers shared by plots and summary ---------------------------------------------
+
 
 def run_labels(runs: Sequence[Run]) -> list[str]:
     """The strategy, with the run folder's name where two runs share a strategy (and the full

@@ -35,22 +35,28 @@ server, for a dispatch, or for the job's end).
 """
 
 
-def render_summary(summaries: Sequence[RunSummary], labels: Sequence[str], target: float | None, unit: TimeUnit,
-                   figures: Sequence[tuple[str, str]], notes: Sequence[str]) -> str:
+def render_summary(
+    summaries: Sequence[RunSummary],
+    labels: Sequence[str],
+    target: float | None,
+    unit: TimeUnit,
+    figures: Sequence[tuple[str, str]],
+    notes: Sequence[str],
+) -> str:
     """The whole summary.md; `figures` are (file name, caption) pairs, `notes` say what was skipped."""
     parts = ["# ChemFL run report", "", run_list(summaries, labels), ""]
     parts += [f"![{caption}]({name})  \n[{name}]({name}): {caption}\n" for name, caption in figures]
     parts += [f"> {note}\n" for note in notes]
     parts += ["## Runs", "", runs_table(summaries, labels, target, unit), "", "### Definitions", "", DEFINITIONS]
     parts += ["## Per facility", ""]
-    for summary, label in zip(summaries, labels):
+    for summary, label in zip(summaries, labels, strict=False):
         parts += [f"### {label}", "", facility_table(summary), ""]
     return "\n".join(parts)
 
 
 def run_list(summaries: Sequence[RunSummary], labels: Sequence[str]) -> str:
     lines = []
-    for summary, label in zip(summaries, labels):
+    for summary, label in zip(summaries, labels, strict=False):
         run = summary.run
         details = [f"campaign `{run.campaign}`"] if run.campaign else []
         details.append(time_axis_name([run]))
@@ -65,12 +71,15 @@ def runs_table(summaries: Sequence[RunSummary], labels: Sequence[str], target: f
         header.append(f"time to target {target:g} ({unit.name})")
     header += ["versions", *TALLY_COLUMNS, "node-hours spent", "busy node-hours", "wasted share"]
     rows = []
-    for summary, label in zip(summaries, labels):
+    for summary, label in zip(summaries, labels, strict=False):
         row = [label, number(summary.final_loss, 3)]
         if target is not None:
             row.append("not reached" if summary.time_to_target is None else time_value(summary.time_to_target, unit))
-        row += [str(summary.run.versions), *tally_cells(summary.total),
-                *node_hour_cells(summary.total.node_hours, ("spent", "busy", "wasted_share"))]
+        row += [
+            str(summary.run.versions),
+            *tally_cells(summary.total),
+            *node_hour_cells(summary.total.node_hours, ("spent", "busy", "wasted_share")),
+        ]
         rows.append(row)
     return table(header, rows)
 
@@ -81,13 +90,27 @@ def tally_cells(summary: FacilitySummary) -> list[str]:
 
 
 def facility_table(summary: RunSummary) -> str:
-    header = ["facility", *TALLY_COLUMNS, "mean staleness", "node-hours spent", "busy", "idle", "lost node-hours",
-              "wasted share"]
+    header = [
+        "facility",
+        *TALLY_COLUMNS,
+        "mean staleness",
+        "node-hours spent",
+        "busy",
+        "idle",
+        "lost node-hours",
+        "wasted share",
+    ]
     rows = []
     for facility in [*summary.facilities, summary.total]:
         name = f"**{facility.facility}**" if facility is summary.total else facility.facility
-        rows.append([name, *tally_cells(facility), number(facility.tally.mean_staleness, 2),
-                     *node_hour_cells(facility.node_hours, ("spent", "busy", "idle", "lost", "wasted_share"))])
+        rows.append(
+            [
+                name,
+                *tally_cells(facility),
+                number(facility.tally.mean_staleness, 2),
+                *node_hour_cells(facility.node_hours, ("spent", "busy", "idle", "lost", "wasted_share")),
+            ]
+        )
     return table(header, rows)
 
 
@@ -95,8 +118,7 @@ def node_hour_cells(hours: NodeHours | None, fields: Sequence[str]) -> list[str]
     """`fields` of `hours` (node-hours to 2 decimals, wasted_share in %); dashes without job lines."""
     if hours is None:
         return [MISSING] * len(fields)
-    return [share(hours.wasted_share) if name == "wasted_share" else number(getattr(hours, name), 2)
-            for name in fields]
+    return [share(hours.wasted_share) if name == "wasted_share" else number(getattr(hours, name), 2) for name in fields]
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -57,15 +57,18 @@ def staleness_weight(tau: int, staleness: Staleness, max_staleness: int | None) 
 
 def delta(sent: Params, trained: Params) -> dict[str, np.ndarray]:
     """FedBuff's client update: what was sent minus what came back (x_sent - y_Q)."""
-    return {name: np.asarray(sent[name], dtype=np.float64) - np.asarray(trained[name], dtype=np.float64)
-            for name in sent}
+    return {
+        name: np.asarray(sent[name], dtype=np.float64) - np.asarray(trained[name], dtype=np.float64) for name in sent
+    }
 
 
 def weighted_mean_of_deltas(deltas: Sequence[Params], weights: Sequence[float], divisor: int) -> dict[str, np.ndarray]:
     """sum_i w_i delta_i / divisor: FedBuff divides by the buffer size K, not by sum(w)."""
     names = deltas[0].keys()
-    return {name: sum(w * np.asarray(d[name], dtype=np.float64) for d, w in zip(deltas, weights)) / divisor
-            for name in names}
+    return {
+        name: sum(w * np.asarray(d[name], dtype=np.float64) for d, w in zip(deltas, weights, strict=False)) / divisor
+        for name in names
+    }
 
 
 @dataclass
@@ -110,8 +113,8 @@ class ServerOptimizer:
                 m = self.beta1 * state.first_moment.get(name, 0.0) + (1 - self.beta1) * g
                 v = self.beta2 * state.second_moment.get(name, 0.0) + (1 - self.beta2) * g * g
                 state.first_moment[name], state.second_moment[name] = m, v
-                m_hat = m / (1 - self.beta1 ** state.step)
-                v_hat = v / (1 - self.beta2 ** state.step)
+                m_hat = m / (1 - self.beta1**state.step)
+                v_hat = v / (1 - self.beta2**state.step)
                 step = m_hat / (np.sqrt(v_hat) + self.epsilon)
             updated[name] = (np.asarray(value, dtype=np.float64) - self.lr * step).astype(np.asarray(value).dtype)
         return updated
@@ -121,9 +124,12 @@ def fedasync_mix(params: Params, trained: Params, mixing: float) -> dict[str, np
     """FedAsync: x <- (1 - a) x + a x_k, with a = alpha * s(tau) in [0, 1]."""
     if not 0.0 <= mixing <= 1.0:
         raise ValueError(f"mixing weight {mixing} must be in [0, 1]")
-    return {name: ((1 - mixing) * np.asarray(value, dtype=np.float64)
-                   + mixing * np.asarray(trained[name], dtype=np.float64)).astype(np.asarray(value).dtype)
-            for name, value in params.items()}
+    return {
+        name: (
+            (1 - mixing) * np.asarray(value, dtype=np.float64) + mixing * np.asarray(trained[name], dtype=np.float64)
+        ).astype(np.asarray(value).dtype)
+        for name, value in params.items()
+    }
 
 
 # --- LoRA: averaging A and B separately is not averaging B @ A -------------------------------
@@ -143,8 +149,10 @@ def lora_pairs(params: Params) -> dict[str, tuple[str, str]]:
 
 def products(params: Params) -> dict[str, np.ndarray]:
     """B @ A of every LoRA module: the update it adds to the frozen weight (up to alpha / r)."""
-    return {prefix: np.asarray(params[b], np.float64) @ np.asarray(params[a], np.float64)
-            for prefix, (a, b) in lora_pairs(params).items()}
+    return {
+        prefix: np.asarray(params[b], np.float64) @ np.asarray(params[a], np.float64)
+        for prefix, (a, b) in lora_pairs(params).items()
+    }
 
 
 def refactorise(product: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:

@@ -38,30 +38,68 @@ app = ServerApp()
 
 def async_settings(config: dict) -> tuple[AsyncSpec, StopRule]:
     spec = AsyncSpec(
-        concurrency=int(config["strategy.concurrency"]), message_ttl=float(config["strategy.message-ttl"]),
-        max_update_norm=float(config["strategy.max-update-norm"]), eval_every=int(config["eval.every"]),
+        concurrency=int(config["strategy.concurrency"]),
+        message_ttl=float(config["strategy.message-ttl"]),
+        max_update_norm=float(config["strategy.max-update-norm"]),
+        eval_every=int(config["eval.every"]),
     )
-    stop = StopRule(int(config["strategy.num-versions"]), float(config["strategy.max-seconds"]),
-                    float(config["strategy.target-loss"]))
+    stop = StopRule(
+        int(config["strategy.num-versions"]),
+        float(config["strategy.max-seconds"]),
+        float(config["strategy.target-loss"]),
+    )
     check_async_spec(spec, stop)
     return spec, stop
 
 
-def run_campaign(grid: Grid, campaign: CampaignSpec, config: dict, strategy, state: AsyncState, spec: AsyncSpec,
-                 stop: StopRule, evaluate, outputs: RunOutputs, train_config: dict) -> None:
+def run_campaign(
+    grid: Grid,
+    campaign: CampaignSpec,
+    config: dict,
+    strategy,
+    state: AsyncState,
+    spec: AsyncSpec,
+    stop: StopRule,
+    evaluate,
+    outputs: RunOutputs,
+    train_config: dict,
+) -> None:
     """The loop on an EmulatedGrid: virtual clock, batch jobs, queue waits (no checkpoints: the
     campaign is rerun from its seed instead)."""
     facilities = [f.name for f in campaign.facilities]
     grid = PromptGrid(grid)
     real = discover_facilities(grid, len(facilities))
-    outputs.append_metrics({"event": "run", "strategy": str(config["strategy.name"]), "campaign": campaign.name,
-                            "seed": campaign.seed, "virtual_time": True,
-                            "facilities": {name: {"nodes": 1, "supernodes": 1} for name in facilities}})
-    emulated = EmulatedGrid(grid, campaign, {facility: node for node, facility in real.items()},
-                            int(config["train.local-steps"]), outputs.append_metrics)
-    run = AsyncRun(emulated, strategy, state, spec, stop, evaluate, outputs.append_metrics, None, train_config,
-                   clock=emulated.clock, sleep=emulated.sleep,
-                   facility_of={emulated.node_id(name): name for name in facilities})
+    outputs.append_metrics(
+        {
+            "event": "run",
+            "strategy": str(config["strategy.name"]),
+            "campaign": campaign.name,
+            "seed": campaign.seed,
+            "virtual_time": True,
+            "facilities": {name: {"nodes": 1, "supernodes": 1} for name in facilities},
+        }
+    )
+    emulated = EmulatedGrid(
+        grid,
+        campaign,
+        {facility: node for node, facility in real.items()},
+        int(config["train.local-steps"]),
+        outputs.append_metrics,
+    )
+    run = AsyncRun(
+        emulated,
+        strategy,
+        state,
+        spec,
+        stop,
+        evaluate,
+        outputs.append_metrics,
+        None,
+        train_config,
+        clock=emulated.clock,
+        sleep=emulated.sleep,
+        facility_of={emulated.node_id(name): name for name in facilities},
+    )
     run.run()
     emulated.finish()
 
@@ -76,7 +114,9 @@ def main(grid: Grid, context: Context) -> None:
     eval_spec = EvalSpec.from_config(config)
     parse_slowdown(str(config["emulation.slowdown"]))
     virtual_time = bool(config["emulation.virtual-time"])
-    campaign = CampaignSpec.from_config(config, tuple(split_list(str(config["data.facilities"])))) if virtual_time else None
+    campaign = (
+        CampaignSpec.from_config(config, tuple(split_list(str(config["data.facilities"])))) if virtual_time else None
+    )
     # Under virtual time every strategy, FedAvg included, runs in the push/pull loop.
     asynchronous = config["strategy.name"] in ASYNCHRONOUS or virtual_time
     rounds: dict[int, dict] = {}
@@ -87,23 +127,33 @@ def main(grid: Grid, context: Context) -> None:
         strategy = make_strategy(config, lambda server_round, info: rounds.__setitem__(server_round, info))
     resume = str(config["resume"])
     if resume and (not asynchronous or virtual_time):
-        raise ChemFLError("resume is for asynchronous runs in real time (strategy.name = fedbuff, fedasync or "
-                          "walltime-aware, emulation.virtual-time = false); rerun an emulated campaign instead")
+        raise ChemFLError(
+            "resume is for asynchronous runs in real time (strategy.name = fedbuff, fedasync or "
+            "walltime-aware, emulation.virtual-time = false); rerun an emulated campaign instead"
+        )
 
     data_path = Path(str(config["data.path"]))
     built = build_dataset(build_spec, data_path)
     log(INFO, "data: %s build %s (%s)", data_path, built.manifest["build_id"], "reused" if built.reused else "built")
     test_records = io.read_records(data_path / "test.parquet")
 
-    outputs = RunOutputs(Path(str(config["outputs.dir"])), str(config["run-name"]), resume=Path(resume) if resume else None)
+    outputs = RunOutputs(
+        Path(str(config["outputs.dir"])), str(config["run-name"]), resume=Path(resume) if resume else None
+    )
     outputs.write_json("config.json", config)
     session = get_session(config)
     initial = exchanged_state(session.model, session.lora_spec)
     train_config = {"lora-a-digest": frozen_a_digest(session.model)} if session.lora_spec.freeze_a else {}
-    evaluator = CentralEvaluator(session, test_records, eval_spec, config, outputs,
-                                 int(config["strategy.num-rounds"]), rounds)
-    log(INFO, "ChemFL: %s, %d test records, adapter %.2f MB", config["strategy.name"], len(test_records),
-        ArrayRecord(initial).count_bytes() / 1e6)
+    evaluator = CentralEvaluator(
+        session, test_records, eval_spec, config, outputs, int(config["strategy.num-rounds"]), rounds
+    )
+    log(
+        INFO,
+        "ChemFL: %s, %d test records, adapter %.2f MB",
+        config["strategy.name"],
+        len(test_records),
+        ArrayRecord(initial).count_bytes() / 1e6,
+    )
     started = time.perf_counter()
     if asynchronous:
         checkpointer = Checkpointer(outputs.dir / "checkpoint")
@@ -116,17 +166,23 @@ def main(grid: Grid, context: Context) -> None:
             state = AsyncState(params={k: v.numpy() for k, v in initial.items()})
 
         def evaluate(version: int, params: dict) -> float:
-            return evaluator.evaluate_state("version", version, {k: torch.from_numpy(np.asarray(v)) for k, v in params.items()})["loss"]
+            return evaluator.evaluate_state(
+                "version", version, {k: torch.from_numpy(np.asarray(v)) for k, v in params.items()}
+            )["loss"]
 
         if campaign is None:
-            AsyncRun(grid, strategy, state, async_spec, stop, evaluate, outputs.append_metrics, checkpointer,
-                     train_config).run()
+            AsyncRun(
+                grid, strategy, state, async_spec, stop, evaluate, outputs.append_metrics, checkpointer, train_config
+            ).run()
         else:
             run_campaign(grid, campaign, config, strategy, state, async_spec, stop, evaluate, outputs, train_config)
     else:
         strategy.start(
-            grid=PromptGrid(grid), initial_arrays=ArrayRecord(initial), num_rounds=int(config["strategy.num-rounds"]),
-            timeout=float(config["strategy.round-timeout"]), train_config=ConfigRecord(train_config),
+            grid=PromptGrid(grid),
+            initial_arrays=ArrayRecord(initial),
+            num_rounds=int(config["strategy.num-rounds"]),
+            timeout=float(config["strategy.round-timeout"]),
+            train_config=ConfigRecord(train_config),
             evaluate_fn=evaluator,
         )
     log(INFO, "ChemFL: finished in %.1f s; outputs in %s", time.perf_counter() - started, outputs.dir)

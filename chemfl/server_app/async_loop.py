@@ -108,12 +108,20 @@ class AsyncRun:
         self._started = self.clock() - self.state.elapsed
         if self.state.version == 0 and not self.state.resumed:
             loss = self._evaluate(force=True)
-            self.record({"event": "version", "version": 0, "wall_time": self.elapsed(),
-                         **({"eval_loss": loss} if loss is not None else {})})
+            self.record(
+                {
+                    "event": "version",
+                    "version": 0,
+                    "wall_time": self.elapsed(),
+                    **({"eval_loss": loss} if loss is not None else {}),
+                }
+            )
         while not self._should_stop():
             with self._server_time():
                 self._dispatch()
-            arrived = list(self.grid.pull_messages([f.message_id for f in self.in_flight.values()])) if self.in_flight else []
+            arrived = (
+                list(self.grid.pull_messages([f.message_id for f in self.in_flight.values()])) if self.in_flight else []
+            )
             for reply in arrived:
                 if self._should_stop():  # e.g. the wall-clock budget ran out while waiting
                     break
@@ -153,19 +161,30 @@ class AsyncRun:
         idle = sorted(n for n in online if n not in self.in_flight)
         candidates = idle[: max(0, limit - len(self.in_flight))]
         now = self.elapsed()
-        plans = self.strategy.plan_dispatch([NodeView(n, self._facility(n), now) for n in candidates],
-                                            len(self.in_flight), len(online))
+        plans = self.strategy.plan_dispatch(
+            [NodeView(n, self._facility(n), now) for n in candidates], len(self.in_flight), len(online)
+        )
         for node_id in [n for n in candidates if n in plans]:
             self.state.task_counter += 1
             steps = plans[node_id].local_steps
-            config = {**self.train_config, "server-round": self.state.version, "server-version": self.state.version,
-                      "task-id": self.state.task_counter, **({"local-steps": steps} if steps is not None else {})}
-            message = Message(RecordDict({"arrays": to_record(self.state.params), "config": ConfigRecord(config)}),
-                              dst_node_id=node_id, message_type="train", ttl=self.spec.message_ttl)
+            config = {
+                **self.train_config,
+                "server-round": self.state.version,
+                "server-version": self.state.version,
+                "task-id": self.state.task_counter,
+                **({"local-steps": steps} if steps is not None else {}),
+            }
+            message = Message(
+                RecordDict({"arrays": to_record(self.state.params), "config": ConfigRecord(config)}),
+                dst_node_id=node_id,
+                message_type="train",
+                ttl=self.spec.message_ttl,
+            )
             [message_id] = list(self.grid.push_messages([message]))
             self.sent_params.setdefault(self.state.version, self.state.params)
-            self.in_flight[node_id] = InFlight(node_id, message_id, self.state.version, self.state.task_counter,
-                                               self.elapsed(), steps)
+            self.in_flight[node_id] = InFlight(
+                node_id, message_id, self.state.version, self.state.task_counter, self.elapsed(), steps
+            )
 
     def _facility(self, node_id: int) -> str:
         return self.facility_of.get(node_id, str(node_id))
@@ -181,11 +200,26 @@ class AsyncRun:
     def _lose(self, node_id: int, reason: str) -> None:
         lost = self.in_flight.pop(node_id)
         self.state.counters["lost"] += 1
-        log(WARNING, "node %s (%s): in-flight work from version %d lost: %s", node_id,
-            self.facility_of.get(node_id, "?"), lost.version, reason)
-        self.record({"event": "lost", "node": node_id, "facility": self.facility_of.get(node_id),
-                     "version_sent": lost.version, "reason": reason, "time": self.elapsed(),
-                     "dispatch_time": lost.sent_at, "steps": lost.steps})
+        log(
+            WARNING,
+            "node %s (%s): in-flight work from version %d lost: %s",
+            node_id,
+            self.facility_of.get(node_id, "?"),
+            lost.version,
+            reason,
+        )
+        self.record(
+            {
+                "event": "lost",
+                "node": node_id,
+                "facility": self.facility_of.get(node_id),
+                "version_sent": lost.version,
+                "reason": reason,
+                "time": self.elapsed(),
+                "dispatch_time": lost.sent_at,
+                "steps": lost.steps,
+            }
+        )
         outcome = TaskOutcome(node_id, self._facility(node_id), lost.sent_at, self.elapsed(), lost.steps, lost=True)
         self.strategy.observe(outcome)
         self._publish(self.strategy.discard(self.state.params, outcome))
@@ -206,12 +240,18 @@ class AsyncRun:
         if "node" in content:
             self.facility_of[node_id] = str(content["node"].get("facility", node_id))
         sent = self.sent_params[flight.version]
-        params, problem = validate_update(content["arrays"], self.state.params, self.spec.max_update_norm, sent) \
-            if "arrays" in content else (None, "no adapter in the reply")
-        metrics = content["metrics"] if "metrics" in content else {}
-        node = content["node"] if "node" in content else {}
+        params, problem = (
+            validate_update(content["arrays"], self.state.params, self.spec.max_update_norm, sent)
+            if "arrays" in content
+            else (None, "no adapter in the reply")
+        )
+        metrics = content.get("metrics", {})
+        node = content.get("node", {})
         outcome = TaskOutcome(
-            node_id, self._facility(node_id), flight.sent_at, self.elapsed(),
+            node_id,
+            self._facility(node_id),
+            flight.sent_at,
+            self.elapsed(),
             int(metrics["steps"]) if "steps" in metrics else None,
             float(metrics["seconds"]) if "seconds" in metrics else None,
             float(node["walltime-remaining"]) if "walltime-remaining" in node else None,
@@ -223,19 +263,35 @@ class AsyncRun:
             self.state.counters["rejected"] += 1
             published = self.strategy.discard(self.state.params, outcome)
         else:
-            update = Update(node_id, flight.version, params, int(metrics.get("num-examples", 0)),
-                            float(metrics.get("train-loss", float("nan"))))
+            update = Update(
+                node_id,
+                flight.version,
+                params,
+                int(metrics.get("num-examples", 0)),
+                float(metrics.get("train-loss", float("nan"))),
+            )
             verdict, published = self.strategy.submit(self.state.params, self.state.version, sent, update)
             self.state.counters["accepted" if verdict.accepted else verdict.reason] += 1
             self.state.updates_by_facility[self.facility_of.get(node_id, str(node_id))] += int(verdict.accepted)
-        self.record({
-            "event": "update", "node": node_id, "facility": self.facility_of.get(node_id),
-            "version_sent": flight.version, "version": self.state.version, "staleness": verdict.staleness,
-            "weight": verdict.weight, "accepted": verdict.accepted, "reason": verdict.reason,
-            "arrival_time": self.elapsed(), "train_loss": metrics.get("train-loss"),
-            "train_seconds": metrics.get("seconds"), "dispatch_time": flight.sent_at, "steps": outcome.steps,
-            "walltime_remaining": outcome.walltime_remaining,
-        })
+        self.record(
+            {
+                "event": "update",
+                "node": node_id,
+                "facility": self.facility_of.get(node_id),
+                "version_sent": flight.version,
+                "version": self.state.version,
+                "staleness": verdict.staleness,
+                "weight": verdict.weight,
+                "accepted": verdict.accepted,
+                "reason": verdict.reason,
+                "arrival_time": self.elapsed(),
+                "train_loss": metrics.get("train-loss"),
+                "train_seconds": metrics.get("seconds"),
+                "dispatch_time": flight.sent_at,
+                "steps": outcome.steps,
+                "walltime_remaining": outcome.walltime_remaining,
+            }
+        )
         self._publish(published)
         if self.checkpointer is not None:
             self.state.elapsed = self.elapsed()
@@ -255,17 +311,29 @@ class AsyncRun:
             del self.sent_params[version]
 
     def _on_new_version(self) -> None:
-        line = {"event": "version", "version": self.state.version, "wall_time": self.elapsed(),
-                "counters": dict(self.state.counters), "updates_by_facility": dict(self.state.updates_by_facility),
-                "server_seconds": self.server_seconds, "evaluation_seconds": self.evaluation_seconds}
+        line = {
+            "event": "version",
+            "version": self.state.version,
+            "wall_time": self.elapsed(),
+            "counters": dict(self.state.counters),
+            "updates_by_facility": dict(self.state.updates_by_facility),
+            "server_seconds": self.server_seconds,
+            "evaluation_seconds": self.evaluation_seconds,
+        }
         # Both taken before this version's evaluation, like wall_time.
         loss = self._evaluate(force=self.state.version >= self.stop.num_versions)
         if loss is not None:
             line["eval_loss"] = loss
         buffer = len(getattr(self.strategy, "buffer", []))
-        log(INFO, "version %d | %.0f s | buffer %d | updates %s%s", self.state.version, line["wall_time"], buffer,
+        log(
+            INFO,
+            "version %d | %.0f s | buffer %d | updates %s%s",
+            self.state.version,
+            line["wall_time"],
+            buffer,
             ", ".join(f"{k} {v}" for k, v in sorted(self.state.updates_by_facility.items())),
-            "" if loss is None else f" | test loss {loss:.3f}")
+            "" if loss is None else f" | test loss {loss:.3f}",
+        )
         self.record(line)
 
     def _evaluate(self, force: bool) -> float | None:
@@ -288,5 +356,3 @@ def check_async_spec(spec: AsyncSpec, stop: StopRule) -> None:
         raise ChemFLError(f"strategy.num-versions = {stop.num_versions} must be >= 1")
     if spec.message_ttl <= 0:
         raise ChemFLError(f"strategy.message-ttl = {spec.message_ttl} must be > 0 seconds")
-
-

@@ -130,15 +130,16 @@ class FedBuff(EveryIdleNode):
     def _space(self, params: Params) -> dict[str, np.ndarray]:
         return products(params) if self.lora_aggregation == "svd" else {k: np.asarray(v) for k, v in params.items()}
 
-    def submit(self, current: Params, version: int, sent: Params, update: Update
-               ) -> tuple[Verdict, dict[str, np.ndarray] | None]:
+    def submit(
+        self, current: Params, version: int, sent: Params, update: Update
+    ) -> tuple[Verdict, dict[str, np.ndarray] | None]:
         verdict = admit(version, update, self.staleness, self.max_staleness)
         if not verdict.accepted:
             return verdict, None
         self.buffer.append((delta(self._space(sent), self._space(update.params)), verdict.weight))
         if len(self.buffer) < self.buffer_size:
             return verdict, None
-        taken, self.buffer = self.buffer[: self.buffer_size], self.buffer[self.buffer_size:]
+        taken, self.buffer = self.buffer[: self.buffer_size], self.buffer[self.buffer_size :]
         mean = weighted_mean_of_deltas([d for d, _ in taken], [w for _, w in taken], self.buffer_size)
         moved = self.optimizer.apply(self._space(current), mean, self.optimizer_state)
         if self.lora_aggregation == "svd":
@@ -160,8 +161,9 @@ class FedAsync(EveryIdleNode):
         if not 0 < self.alpha <= 1:
             raise ValueError(f"FedAsync alpha = {self.alpha} must be in (0, 1]")
 
-    def submit(self, current: Params, version: int, sent: Mapping, update: Update
-               ) -> tuple[Verdict, dict[str, np.ndarray] | None]:
+    def submit(
+        self, current: Params, version: int, sent: Mapping, update: Update
+    ) -> tuple[Verdict, dict[str, np.ndarray] | None]:
         verdict = admit(version, update, self.staleness, self.max_staleness)
         if not verdict.accepted:
             return verdict, None
@@ -189,8 +191,9 @@ class FedAvgRounds(EveryIdleNode):
         self.outstanding = len(idle)
         return {node.node_id: TaskPlan() for node in idle}
 
-    def submit(self, current: Params, version: int, sent: Mapping, update: Update
-               ) -> tuple[Verdict, dict[str, np.ndarray] | None]:
+    def submit(
+        self, current: Params, version: int, sent: Mapping, update: Update
+    ) -> tuple[Verdict, dict[str, np.ndarray] | None]:
         self.replies.append((update.params, max(update.num_examples, 1)))
         return Verdict(version - update.version_sent, 1.0, True), self._close_if_done(current)
 
@@ -251,11 +254,15 @@ class WalltimeAware(FedAsync):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 1 <= self.min_steps <= self.base_steps <= self.max_steps:
-            raise ValueError(f"need 1 <= min-local-steps ({self.min_steps}) <= train.local-steps "
-                             f"({self.base_steps}) <= max-local-steps ({self.max_steps})")
+            raise ValueError(
+                f"need 1 <= min-local-steps ({self.min_steps}) <= train.local-steps "
+                f"({self.base_steps}) <= max-local-steps ({self.max_steps})"
+            )
         if self.margin_seconds < 0 or not 0 <= self.momentum < 1:
-            raise ValueError(f"walltime-margin ({self.margin_seconds}) must be >= 0 and estimate-momentum "
-                             f"({self.momentum}) in [0, 1)")
+            raise ValueError(
+                f"walltime-margin ({self.margin_seconds}) must be >= 0 and estimate-momentum "
+                f"({self.momentum}) in [0, 1)"
+            )
 
     def plan_dispatch(self, idle: list[NodeView], in_flight: int, online: int) -> dict[int, TaskPlan]:
         plans = {}
@@ -286,11 +293,17 @@ class WalltimeAware(FedAsync):
             return
         if outcome.steps and outcome.train_seconds:
             per_step = outcome.train_seconds / outcome.steps
-            estimate.seconds_per_step = per_step if estimate.seconds_per_step is None else \
-                self.momentum * estimate.seconds_per_step + (1 - self.momentum) * per_step
+            estimate.seconds_per_step = (
+                per_step
+                if estimate.seconds_per_step is None
+                else self.momentum * estimate.seconds_per_step + (1 - self.momentum) * per_step
+            )
             overhead = max(0.0, outcome.finished - outcome.dispatched - outcome.train_seconds)
-            estimate.overhead_seconds = self.momentum * estimate.overhead_seconds + (1 - self.momentum) * overhead \
-                if estimate.overhead_seconds else overhead
+            estimate.overhead_seconds = (
+                self.momentum * estimate.overhead_seconds + (1 - self.momentum) * overhead
+                if estimate.overhead_seconds
+                else overhead
+            )
         if outcome.walltime_remaining is not None:
             estimate.job_end = outcome.finished + outcome.walltime_remaining
             if estimate.online_since is not None:

@@ -75,13 +75,22 @@ class Checkpointer:
             optimizer = strategy.optimizer_state
             files["optimizer"] = f"optimizer-v{state.version}-s{optimizer.step}.npz"
             if optimizer.step and not (self.folder / files["optimizer"]).exists():
-                _write_arrays(self.folder / files["optimizer"],
-                              {**{f"m/{k}": v for k, v in optimizer.first_moment.items()},
-                               **{f"v/{k}": v for k, v in optimizer.second_moment.items()}})
+                _write_arrays(
+                    self.folder / files["optimizer"],
+                    {
+                        **{f"m/{k}": v for k, v in optimizer.first_moment.items()},
+                        **{f"v/{k}": v for k, v in optimizer.second_moment.items()},
+                    },
+                )
         document = {
-            "version": state.version, "task_counter": state.task_counter, "elapsed": state.elapsed,
-            "last_evaluated": state.last_evaluated, "counters": dict(state.counters),
-            "updates_by_facility": dict(state.updates_by_facility), "files": files, "buffer": buffer,
+            "version": state.version,
+            "task_counter": state.task_counter,
+            "elapsed": state.elapsed,
+            "last_evaluated": state.last_evaluated,
+            "counters": dict(state.counters),
+            "updates_by_facility": dict(state.updates_by_facility),
+            "files": files,
+            "buffer": buffer,
             "optimizer_step": strategy.optimizer_state.step if isinstance(strategy, FedBuff) else 0,
             "sequence": self._sequence,
         }
@@ -99,10 +108,14 @@ class Checkpointer:
         document = json.loads(state_file.read_text(encoding="utf-8"))
         files = document["files"]
         state = AsyncState(
-            params=_read_arrays(self.folder / files["global"]), version=document["version"],
-            task_counter=document["task_counter"], counters=Counter(document["counters"]),
-            updates_by_facility=Counter(document["updates_by_facility"]), elapsed=document["elapsed"],
-            last_evaluated=document["last_evaluated"], resumed=True,
+            params=_read_arrays(self.folder / files["global"]),
+            version=document["version"],
+            task_counter=document["task_counter"],
+            counters=Counter(document["counters"]),
+            updates_by_facility=Counter(document["updates_by_facility"]),
+            elapsed=document["elapsed"],
+            last_evaluated=document["last_evaluated"],
+            resumed=True,
         )
         self._sequence = document["sequence"]
         if isinstance(strategy, FedBuff):

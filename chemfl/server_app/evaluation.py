@@ -27,8 +27,9 @@ class CentralEvaluator:
     outputs/<run>/adapter (the latest evaluated one, i.e. the final one at the end).
     """
 
-    def __init__(self, session, test_records, spec: EvalSpec, config: dict, outputs, num_rounds: int,
-                 rounds: dict[int, dict]):
+    def __init__(
+        self, session, test_records, spec: EvalSpec, config: dict, outputs, num_rounds: int, rounds: dict[int, dict]
+    ):
         self.session, self.test_records, self.spec, self.outputs = session, test_records, spec, outputs
         self.max_length = int(config["train.max-length"])
         self.system_prompt = str(config["model.system-prompt"])
@@ -42,8 +43,14 @@ class CentralEvaluator:
     def evaluate_state(self, step_name: str, step: int, state: dict) -> dict:
         load_exchanged_state(self.session.model, self.session.lora_spec, state)
         started = time.perf_counter()
-        result = evaluate(self.session.model, self.session.tokenizer, self.test_records, self.spec,
-                          self.max_length, self.system_prompt)
+        result = evaluate(
+            self.session.model,
+            self.session.tokenizer,
+            self.test_records,
+            self.spec,
+            self.max_length,
+            self.system_prompt,
+        )
         result["seconds"] = time.perf_counter() - started
         if self.keep_every_adapter:
             self.outputs.save_adapter(self.session.model, f"adapter-{step_name}-{step}")
@@ -56,7 +63,9 @@ class CentralEvaluator:
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         line = {"event": "round", "round": server_round, **self.rounds.get(server_round, {})}
-        result = self.evaluate_state("round", server_round, arrays.to_torch_state_dict()) if self.due(server_round) else None
+        result = (
+            self.evaluate_state("round", server_round, arrays.to_torch_state_dict()) if self.due(server_round) else None
+        )
         if result is not None:
             line["eval"] = result
         line["wall_time"] = time.perf_counter() - self.started
@@ -89,8 +98,10 @@ def before_after_table(history: list[dict]) -> str:
         return ""
     before, after = history[0]["eval"], history[-1]["eval"]
     step_name = next(key for key in history[0] if key != "eval")
-    table = Table(title=f"Test set before ({step_name} {history[0][step_name]}) and after "
-                        f"({step_name} {history[-1][step_name]}) training")
+    table = Table(
+        title=f"Test set before ({step_name} {history[0][step_name]}) and after "
+        f"({step_name} {history[-1][step_name]}) training"
+    )
     for column in ("metric", "before", "after"):
         table.add_column(column, justify="left" if column == "metric" else "right")
     table.add_row("loss per answer token", f"{before['loss']:.3f}", f"{after['loss']:.3f}")
@@ -102,8 +113,11 @@ def before_after_table(history: list[dict]) -> str:
             table.add_row(f"{task} rmse", fmt(old.get("rmse")), fmt(metrics.get("rmse")))
         table.add_row(f"{task} invalid", f"{old.get('invalid_rate', 0):.2f}", f"{metrics['invalid_rate']:.2f}")
     if after["overall"]:
-        table.add_row("overall exact match", f"{before['overall'].get('exact_match', 0):.3f}",
-                      f"{after['overall']['exact_match']:.3f}")
+        table.add_row(
+            "overall exact match",
+            f"{before['overall'].get('exact_match', 0):.3f}",
+            f"{after['overall']['exact_match']:.3f}",
+        )
     buffer = io.StringIO()
     Console(file=buffer, width=100).print(table)
     return buffer.getvalue()

@@ -5,8 +5,8 @@ under virtual-time emulation the same rule run by the push/pull loop), `fedbuff`
 from __future__ import annotations
 
 import time
-from logging import INFO
 from collections.abc import Callable, Iterable
+from logging import INFO
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
@@ -37,8 +37,9 @@ class ObservedFedAvg(FedAvg):
         self._server_seconds = 0.0
         self._facility_of: dict[int, str] = {}  # learnt from replies: node ids are all the server sees
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self._round_started = time.perf_counter()
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._server_seconds = time.perf_counter() - self._round_started
@@ -47,26 +48,30 @@ class ObservedFedAvg(FedAvg):
         log(INFO, "round %d: training on %s", server_round, ", ".join(sorted(names)))
         return messages
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         aggregating = time.perf_counter()
         arrays, metrics = super().aggregate_train(server_round, replies)
         self._server_seconds += time.perf_counter() - aggregating
         ok = [reply for reply in replies if not reply.has_error()]
         self._facility_of.update({r.metadata.src_node_id: str(r.content["node"]["facility"]) for r in ok})
-        self._listener(server_round, {
-            # Dispatch to aggregated; with `node_train_seconds` (the nodes' own training time,
-            # summed) it shows how much of a round goes to anything but training.
-            "round_seconds": time.perf_counter() - self._round_started,
-            "node_train_seconds": sum(float(r.content["metrics"]["seconds"]) for r in ok),
-            "server_seconds": self._server_seconds,  # configuring messages + aggregating
-            "facilities": sorted(self._facility_of[r.metadata.src_node_id] for r in ok),
-            "failed_replies": len(replies) - len(ok),
-            "bytes_sent": self._sent_bytes,
-            "bytes_received": sum(r.content["arrays"].count_bytes() for r in ok),
-            "train": dict(metrics) if metrics is not None else {},
-        })
+        self._listener(
+            server_round,
+            {
+                # Dispatch to aggregated; with `node_train_seconds` (the nodes' own training time,
+                # summed) it shows how much of a round goes to anything but training.
+                "round_seconds": time.perf_counter() - self._round_started,
+                "node_train_seconds": sum(float(r.content["metrics"]["seconds"]) for r in ok),
+                "server_seconds": self._server_seconds,  # configuring messages + aggregating
+                "facilities": sorted(self._facility_of[r.metadata.src_node_id] for r in ok),
+                "failed_replies": len(replies) - len(ok),
+                "bytes_sent": self._sent_bytes,
+                "bytes_received": sum(r.content["arrays"].count_bytes() for r in ok),
+                "train": dict(metrics) if metrics is not None else {},
+            },
+        )
         return arrays, metrics
 
 
@@ -84,7 +89,9 @@ def make_strategy(config: dict, listener: RoundListener) -> FedAvg:
         listener,
         fraction_train=float(config["strategy.fraction-train"]),
         fraction_evaluate=float(config["strategy.fraction-evaluate"]),
-        min_train_nodes=min_nodes, min_evaluate_nodes=min_nodes, min_available_nodes=min_nodes,
+        min_train_nodes=min_nodes,
+        min_evaluate_nodes=min_nodes,
+        min_available_nodes=min_nodes,
     )
 
 
@@ -96,25 +103,40 @@ def make_async_strategy(config: dict) -> FedBuff | FedAsync | FedAvgRounds:
         return FedAvgRounds(min_nodes=int(config["strategy.min-nodes"]))
     max_staleness = int(config["strategy.max-staleness"])
     try:
-        staleness = Staleness(str(config["strategy.staleness"]), float(config["strategy.staleness-a"]),
-                              float(config["strategy.staleness-b"]))
+        staleness = Staleness(
+            str(config["strategy.staleness"]),
+            float(config["strategy.staleness-a"]),
+            float(config["strategy.staleness-b"]),
+        )
         cutoff = None if max_staleness < 0 else max_staleness
         if name == "fedasync":
             return FedAsync(alpha=float(config["strategy.fedasync-alpha"]), staleness=staleness, max_staleness=cutoff)
         if name == "walltime-aware":
             return WalltimeAware(
-                alpha=float(config["strategy.fedasync-alpha"]), staleness=staleness, max_staleness=cutoff,
-                base_steps=int(config["train.local-steps"]), min_steps=int(config["strategy.min-local-steps"]),
-                max_steps=int(config["strategy.max-local-steps"]), margin_seconds=float(config["strategy.walltime-margin"]),
+                alpha=float(config["strategy.fedasync-alpha"]),
+                staleness=staleness,
+                max_staleness=cutoff,
+                base_steps=int(config["train.local-steps"]),
+                min_steps=int(config["strategy.min-local-steps"]),
+                max_steps=int(config["strategy.max-local-steps"]),
+                margin_seconds=float(config["strategy.walltime-margin"]),
                 momentum=float(config["strategy.estimate-momentum"]),
             )
         if config["lora.aggregation"] == "svd" and config["lora.freeze-a"]:
-            raise ValueError("lora.aggregation = \"svd\" needs both A and B; with lora.freeze-a the plain "
-                             "average is already exact: use lora.aggregation = \"naive\"")
+            raise ValueError(
+                'lora.aggregation = "svd" needs both A and B; with lora.freeze-a the plain '
+                'average is already exact: use lora.aggregation = "naive"'
+            )
         return FedBuff(
-            buffer_size=int(config["strategy.buffer-size"]), staleness=staleness, max_staleness=cutoff,
-            optimizer=ServerOptimizer(str(config["strategy.server-optimizer"]), float(config["strategy.server-lr"]),
-                                      float(config["strategy.server-beta1"]), float(config["strategy.server-beta2"])),
+            buffer_size=int(config["strategy.buffer-size"]),
+            staleness=staleness,
+            max_staleness=cutoff,
+            optimizer=ServerOptimizer(
+                str(config["strategy.server-optimizer"]),
+                float(config["strategy.server-lr"]),
+                float(config["strategy.server-beta1"]),
+                float(config["strategy.server-beta2"]),
+            ),
             lora_aggregation=str(config["lora.aggregation"]),
         )
     except ValueError as error:

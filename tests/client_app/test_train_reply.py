@@ -12,30 +12,40 @@ from chemfl.llm.lora import exchanged_state
 from chemfl.llm.session import get_session
 from tests.tiny import save_tiny_llama
 
-
 pytestmark = pytest.mark.usefixtures("server_task_identity")
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("client")
-    config = resolve({
-        "data.path": str(tmp / "data"), "data.max-molecules": 30, "data.facilities": "polaris,aurora",
-        "model.name": save_tiny_llama(tmp / "model"), "model.gguf-file": "",
-        "model.cache-dir": str(tmp / "cache"), "lora.r": 4, "lora.alpha": 8,
-        "train.local-steps": 2, "train.batch-size": 2, "train.max-length": 128,
-        "eval.loss-per-task": 2,
-    })
+    config = resolve(
+        {
+            "data.path": str(tmp / "data"),
+            "data.max-molecules": 30,
+            "data.facilities": "polaris,aurora",
+            "model.name": save_tiny_llama(tmp / "model"),
+            "model.gguf-file": "",
+            "model.cache-dir": str(tmp / "cache"),
+            "lora.r": 4,
+            "lora.alpha": 8,
+            "train.local-steps": 2,
+            "train.batch-size": 2,
+            "train.max-length": 128,
+            "eval.loss-per-task": 2,
+        }
+    )
     build_dataset(BuildSpec.from_config(config), tmp / "data")
     return config
 
 
 def message(config, message_type="train"):
     session = get_session(config)
-    content = RecordDict({
-        "arrays": ArrayRecord(exchanged_state(session.model, session.lora_spec)),
-        "config": ConfigRecord({"server-round": 1}),
-    })
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(exchanged_state(session.model, session.lora_spec)),
+            "config": ConfigRecord({"server-round": 1}),
+        }
+    )
     return Message(content=content, dst_node_id=7, message_type=message_type)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import zipfile
 from pathlib import Path
 
@@ -35,18 +34,20 @@ def chain_rows(n: int, split: bool = False) -> list[dict]:
     """n files-source records about n distinct molecules (straight chains)."""
     rows = []
     for k in range(1, n + 1):
-        rows.append({
-            "input": f"Formula of <SMILES> {'C' * k} </SMILES> ?",
-            "output": f"<MOLFORMULA> C{k}H{2 * k + 2} </MOLFORMULA>",
-            "raw_input": "C" * k,
-            "raw_output": f"C{k}H{2 * k + 2}",
-            "task": "s2f" if k % 2 else "chain-f",
-            "input_core_tag_left": "<SMILES>",
-            "input_core_tag_right": "</SMILES>",
-            "output_core_tag_left": "<MOLFORMULA>",
-            "output_core_tag_right": "</MOLFORMULA>",
-            **({"split": ["train", "train", "train", "dev", "test"][k % 5]} if split else {}),
-        })
+        rows.append(
+            {
+                "input": f"Formula of <SMILES> {'C' * k} </SMILES> ?",
+                "output": f"<MOLFORMULA> C{k}H{2 * k + 2} </MOLFORMULA>",
+                "raw_input": "C" * k,
+                "raw_output": f"C{k}H{2 * k + 2}",
+                "task": "s2f" if k % 2 else "chain-f",
+                "input_core_tag_left": "<SMILES>",
+                "input_core_tag_right": "</SMILES>",
+                "output_core_tag_left": "<MOLFORMULA>",
+                "output_core_tag_right": "</MOLFORMULA>",
+                **({"split": ["train", "train", "train", "dev", "test"][k % 5]} if split else {}),
+            }
+        )
     return rows
 
 
@@ -297,16 +298,21 @@ BAD_INPUT = {
     "unknown source": ({"data.source": "hub"}, "unknown data.source 'hub'"),
     "alpha zero": ({"data.partition-scheme": "dirichlet", "data.dirichlet-alpha": 0.0}, "dirichlet-alpha = 0.0"),
     "alpha negative": ({"data.partition-scheme": "dirichlet", "data.dirichlet-alpha": -1.0}, "must be > 0"),
-    "more partitions than examples": ({"data.max-molecules": 3, "data.facilities": MANY},
-                                      "cannot fill 30 partitions"),
-    "by-task idle facility": ({"data.partition-scheme": "by-task", "data.task-map": ALL_TO_POLARIS},
-                              r"leaves facility\(ies\) \['aurora', 'frontier', 'perlmutter'\]"),
-    "sizes empty partition": ({"data.max-molecules": 5, "data.partition-scheme": "sizes", "data.sizes": "1000,1,1,1"},
-                              "leaves a facility with none"),
+    "more partitions than examples": ({"data.max-molecules": 3, "data.facilities": MANY}, "cannot fill 30 partitions"),
+    "by-task idle facility": (
+        {"data.partition-scheme": "by-task", "data.task-map": ALL_TO_POLARIS},
+        r"leaves facility\(ies\) \['aurora', 'frontier', 'perlmutter'\]",
+    ),
+    "sizes empty partition": (
+        {"data.max-molecules": 5, "data.partition-scheme": "sizes", "data.sizes": "1000,1,1,1"},
+        "leaves a facility with none",
+    ),
     "sizes not numbers": ({"data.partition-scheme": "sizes", "data.sizes": "4,two,1,1"}, "must be numbers"),
     "sizes count": ({"data.partition-scheme": "sizes", "data.sizes": "4,2"}, "gives 2 shares for 4 facilities"),
-    "bad task-map entry": ({"data.partition-scheme": "by-task", "data.task-map": "name_conversion-i2s"},
-                           "is not 'task=facility'"),
+    "bad task-map entry": (
+        {"data.partition-scheme": "by-task", "data.task-map": "name_conversion-i2s"},
+        "is not 'task=facility'",
+    ),
     "bad facility name": ({"data.facilities": "Polaris,aurora"}, "facility name 'Polaris'"),
     "duplicate facility": ({"data.facilities": "polaris,aurora,polaris"}, "names a facility twice"),
     "no facilities": ({"data.facilities": " , "}, "data.facilities is empty"),
@@ -317,10 +323,14 @@ BAD_INPUT = {
     "negative cap": ({"data.max-per-task": -1}, "data.max-per-task = -1 must be positive"),
     "files without paths": ({"data.source": "files"}, "needs data.files"),
     "files missing": ({"data.source": "files", "data.files": "/nonexistent/data.jsonl"}, "does not exist"),
-    "smolinstruct path missing": ({"data.source": "smolinstruct", "data.smolinstruct-path": "/nonexistent/data.zip"},
-                                  "does not exist"),
-    "smolinstruct unknown task": ({"data.source": "smolinstruct", "data.tasks": "name_conversion-s2f,logp"},
-                                  r"unknown task\(s\) \['logp'\]"),
+    "smolinstruct path missing": (
+        {"data.source": "smolinstruct", "data.smolinstruct-path": "/nonexistent/data.zip"},
+        "does not exist",
+    ),
+    "smolinstruct unknown task": (
+        {"data.source": "smolinstruct", "data.tasks": "name_conversion-s2f,logp"},
+        r"unknown task\(s\) \['logp'\]",
+    ),
 }
 
 
@@ -349,8 +359,13 @@ def test_files_missing_required_columns(tmp_path):
 
 def test_files_task_map_is_checked_once_the_tasks_are_known(tmp_path):
     path = write_jsonl(tmp_path / "data.jsonl", chain_rows(40))
-    overrides = {"data.source": "files", "data.files": path, "data.facilities": "polaris,aurora",
-                 "data.partition-scheme": "by-task", "data.task-map": "s2f=polaris"}
+    overrides = {
+        "data.source": "files",
+        "data.files": path,
+        "data.facilities": "polaris,aurora",
+        "data.partition-scheme": "by-task",
+        "data.task-map": "s2f=polaris",
+    }
     with pytest.raises(ChemFLError, match=r"no facility for task\(s\) \['chain-f'\]"):
         attempt_build(tmp_path, overrides)
     assert list((tmp_path / "builds").iterdir()) == []
@@ -380,8 +395,9 @@ def test_files_source_build(tmp_path):
 
 def test_files_source_with_given_splits_keeps_them(tmp_path):
     path = write_jsonl(tmp_path / "data.jsonl", chain_rows(40, split=True))
-    manifest = build_dataset(spec_of({"data.source": "files", "data.files": path, "data.facilities": "polaris,aurora"}),
-                             tmp_path / "out").manifest
+    manifest = build_dataset(
+        spec_of({"data.source": "files", "data.files": path, "data.facilities": "polaris,aurora"}), tmp_path / "out"
+    ).manifest
     assert [sum(manifest["counts"][s].values()) for s in ("train", "validation", "test")] == [24, 8, 8]
 
 
@@ -397,8 +413,9 @@ def test_editing_a_data_file_does_not_silently_reuse_the_stale_build(tmp_path):
         row["raw_output"] = row["raw_output"].lower()
     write_jsonl(data, rows)
     try:
-        result = build_dataset(spec_of({"data.source": "files", "data.files": path,
-                                        "data.facilities": "polaris,aurora"}), tmp_path / "out")
+        result = build_dataset(
+            spec_of({"data.source": "files", "data.files": path, "data.facilities": "polaris,aurora"}), tmp_path / "out"
+        )
     except ChemFLError:  # refusing (e.g. "a different build; pass --force") is fine too
         assert (tmp_path / "out" / "manifest.json").is_file()
     else:
@@ -413,15 +430,21 @@ def test_smolinstruct_source_build_keeps_its_splits_and_drops_leaks(tmp_path):
         for path in sorted(tree.rglob("*")):
             if path.is_file():
                 handle.write(path, path.relative_to(tree).as_posix())
-    overrides = {"data.source": "smolinstruct", "data.smolinstruct-path": str(archive),
-                 "data.tasks": "name_conversion-s2f,property_prediction-sider,molecule_captioning",
-                 "data.facilities": "polaris,aurora"}
+    overrides = {
+        "data.source": "smolinstruct",
+        "data.smolinstruct-path": str(archive),
+        "data.tasks": "name_conversion-s2f,property_prediction-sider,molecule_captioning",
+        "data.facilities": "polaris,aurora",
+    }
     manifest = build_dataset(spec_of(overrides), tmp_path / "out").manifest
     # Ethanol is a test molecule (OCC) and a train one (CCO): the train copy goes.
     assert manifest["leakage_dropped"] == {"train": 1}
     assert [sum(manifest["counts"][s].values()) for s in ("train", "validation", "test")] == [10, 4, 6]
-    assert manifest["source"] == {"name": "smolinstruct", "location": str(archive),
-                                  "inputs": {"sha256": sha256(archive)}}
+    assert manifest["source"] == {
+        "name": "smolinstruct",
+        "location": str(archive),
+        "inputs": {"sha256": sha256(archive)},
+    }
     assert "max_molecules" not in manifest["build"] and manifest["build"]["max_per_task"] == 0
     test = io.read_records(tmp_path / "out" / "test.parquet")
     assert {r["target"] for r in test} == {None, "Hepatobiliary disorders", "Vascular disorders"}
@@ -429,8 +452,11 @@ def test_smolinstruct_source_build_keeps_its_splits_and_drops_leaks(tmp_path):
 
 def test_by_task_build_sends_each_task_to_its_facility(tmp_path):
     task_map = {task: ("polaris" if "name_conversion" in task else "aurora") for task in OFFLINE_TASKS}
-    overrides = {"data.partition-scheme": "by-task", "data.facilities": "polaris,aurora",
-                 "data.task-map": ",".join(f"{t}={f}" for t, f in task_map.items())}
+    overrides = {
+        "data.partition-scheme": "by-task",
+        "data.facilities": "polaris,aurora",
+        "data.task-map": ",".join(f"{t}={f}" for t, f in task_map.items()),
+    }
     manifest = build_dataset(spec_of(overrides), tmp_path / "out").manifest
     for facility in ("polaris", "aurora"):
         shard = manifest["counts"]["partitions"][facility]
@@ -532,8 +558,7 @@ def test_cli_refuses_a_different_build_without_force(build_copy, capsys):
     assert cli.main(["data", "build", "--out", str(build_copy), "--max-molecules", "60", "--seed", "1"]) == 2
     assert "--force" in capsys.readouterr().err
     assert snapshot(build_copy) == before
-    assert cli.main(["data", "build", "--out", str(build_copy), "--max-molecules", "60", "--seed", "1",
-                     "--force"]) == 0
+    assert cli.main(["data", "build", "--out", str(build_copy), "--max-molecules", "60", "--seed", "1", "--force"]) == 0
     assert io.read_json(build_copy / "manifest.json")["seed"] == 1
 
 
@@ -574,6 +599,7 @@ def test_most_common_baseline_answers_the_commonest_training_output(small_build)
     ro3_test = [r["raw_output"] for r in test if r["task"] == "property_prediction-ro3"]
     scores = baseline_scores(test, train)
     assert scores["most-common"]["tasks"]["property_prediction-ro3"]["accuracy"] == pytest.approx(
-        ro3_test.count(commonest) / len(ro3_test))
+        ro3_test.count(commonest) / len(ro3_test)
+    )
     # Copying a SMILES where a number is expected is never a valid number.
     assert scores["copy-input"]["tasks"]["property_prediction-logp"]["invalid_rate"] == 1.0

@@ -11,7 +11,11 @@ from chemfl.data_prep.metrics import extract_answer, judge, score
 from chemfl.data_prep.schema import AnswerKind, answer_kind, tagged
 
 SMILES, FORMULA, IUPAC, NUMBER, BOOLEAN, TEXT = (
-    AnswerKind.SMILES, AnswerKind.FORMULA, AnswerKind.IUPAC, AnswerKind.NUMBER, AnswerKind.BOOLEAN,
+    AnswerKind.SMILES,
+    AnswerKind.FORMULA,
+    AnswerKind.IUPAC,
+    AnswerKind.NUMBER,
+    AnswerKind.BOOLEAN,
     AnswerKind.TEXT,
 )
 
@@ -39,8 +43,13 @@ def answer(kind: str, core: str) -> str:
 
 @pytest.mark.parametrize(
     "predicted, gold",
-    [("OCC", "CCO"), ("C1=CC=CC=C1", "c1ccccc1"), ("C(C)O", "CCO"), ("OC(=O)C", "CC(O)=O"),
-     ("[H]OC([H])([H])C", "CCO")],
+    [
+        ("OCC", "CCO"),
+        ("C1=CC=CC=C1", "c1ccccc1"),
+        ("C(C)O", "CCO"),
+        ("OC(=O)C", "CC(O)=O"),
+        ("[H]OC([H])([H])C", "CCO"),
+    ],
 )
 def test_equivalent_smiles_written_differently_match(predicted, gold):
     assert judge(SMILES, predicted, gold) == judge(SMILES, gold, gold)
@@ -68,16 +77,24 @@ def test_invalid_smiles_is_invalid_and_never_a_match(predicted):
 
 @pytest.mark.parametrize(
     "predicted, gold",
-    [("H6C2O", "C2H6O"), ("OC2H6", "C2H6O"), ("Ca(OH)2", "CaH2O2"), ("CH3CH2OH", "C2H6O"),
-     ("C2H6O", "C2H6O"), ("C 2 H6 O", "C2H6O"), ("C2H6O+", "C2H6O")],
+    [
+        ("H6C2O", "C2H6O"),
+        ("OC2H6", "C2H6O"),
+        ("Ca(OH)2", "CaH2O2"),
+        ("CH3CH2OH", "C2H6O"),
+        ("C2H6O", "C2H6O"),
+        ("C 2 H6 O", "C2H6O"),
+        ("C2H6O+", "C2H6O"),
+    ],
 )
 def test_formulas_compare_by_element_counts(predicted, gold):
     result = judge(FORMULA, predicted, gold)
     assert result.valid and result.correct
 
 
-@pytest.mark.parametrize("predicted, gold", [("C2H5O", "C2H6O"), ("C2H6O2", "C2H6O"), ("Ca(OH)3", "CaH2O2"),
-                                             ("C2H6", "C2H6O"), ("Co", "CO")])
+@pytest.mark.parametrize(
+    "predicted, gold", [("C2H5O", "C2H6O"), ("C2H6O2", "C2H6O"), ("Ca(OH)3", "CaH2O2"), ("C2H6", "C2H6O"), ("Co", "CO")]
+)
 def test_formulas_with_wrong_counts_do_not_match(predicted, gold):
     result = judge(FORMULA, predicted, gold)
     assert result.valid and not result.correct
@@ -101,8 +118,14 @@ def test_parse_formula_counts_nested_groups():
 
 @pytest.mark.parametrize(
     "text",
-    ["The formula is C2H6O.", "<MOLFORMULA> C2H6O", "C2H6O </MOLFORMULA>", "<MOLFORMULA>  </MOLFORMULA>",
-     "</MOLFORMULA> C2H6O <MOLFORMULA>", ""],
+    [
+        "The formula is C2H6O.",
+        "<MOLFORMULA> C2H6O",
+        "C2H6O </MOLFORMULA>",
+        "<MOLFORMULA>  </MOLFORMULA>",
+        "</MOLFORMULA> C2H6O <MOLFORMULA>",
+        "",
+    ],
 )
 def test_a_missing_tagged_answer_is_a_miss_counted_invalid(text):
     left, right = TAGS["formula"]
@@ -123,8 +146,13 @@ def test_judge_of_no_answer_is_invalid_for_every_kind():
 
 @pytest.mark.parametrize(
     "predicted",
-    ["2-methylpropan-1-ol", "2-Methylpropan-1-ol", "  2-methylpropan-1-OL ", "2-methyl propan-1-ol",
-     "2\u2010methylpropan\u20131\u2011ol"],
+    [
+        "2-methylpropan-1-ol",
+        "2-Methylpropan-1-ol",
+        "  2-methylpropan-1-OL ",
+        "2-methyl propan-1-ol",
+        "2\u2010methylpropan\u20131\u2011ol",
+    ],
 )
 def test_iupac_names_compare_after_normalising_case_whitespace_and_dashes(predicted):
     result = judge(IUPAC, predicted, "2-methylpropan-1-ol")
@@ -142,9 +170,21 @@ def test_different_iupac_names_do_not_match(predicted):
 
 @pytest.mark.parametrize(
     "predicted, gold, correct",
-    [("1.50", "1.50", True), ("1.5", "1.50", True), ("1.504", "1.50", True), ("1.496", "1.50", True),
-     ("1.506", "1.50", False), ("1.49", "1.50", False), ("-0.31", "-0.31", True), ("0.31", "-0.31", False),
-     ("2", "2", True), ("2.4", "2", True), ("2.6", "2", False), ("1.3", "1.2", False), ("1.24", "1.2", True)],
+    [
+        ("1.50", "1.50", True),
+        ("1.5", "1.50", True),
+        ("1.504", "1.50", True),
+        ("1.496", "1.50", True),
+        ("1.506", "1.50", False),
+        ("1.49", "1.50", False),
+        ("-0.31", "-0.31", True),
+        ("0.31", "-0.31", False),
+        ("2", "2", True),
+        ("2.4", "2", True),
+        ("2.6", "2", False),
+        ("1.3", "1.2", False),
+        ("1.24", "1.2", True),
+    ],
 )
 def test_numbers_match_at_the_precision_of_the_label(predicted, gold, correct):
     result = judge(NUMBER, predicted, gold)
@@ -182,9 +222,17 @@ def test_rmse_is_none_when_no_answer_is_valid():
 
 @pytest.mark.parametrize(
     "predicted, gold, correct",
-    [("Yes", "Yes", True), ("yes", "Yes", True), ("TRUE", "Yes", True), ("true", "Yes", True),
-     ("No", "Yes", False), ("false", "No", True), ("no", "No", True), ("Yes", "No", False),
-     ("false", "Yes", False)],
+    [
+        ("Yes", "Yes", True),
+        ("yes", "Yes", True),
+        ("TRUE", "Yes", True),
+        ("true", "Yes", True),
+        ("No", "Yes", False),
+        ("false", "No", True),
+        ("no", "No", True),
+        ("Yes", "No", False),
+        ("false", "Yes", False),
+    ],
 )
 def test_booleans_read_yes_no_true_false(predicted, gold, correct):
     result = judge(BOOLEAN, predicted, gold)
@@ -230,8 +278,12 @@ def test_score_per_task_and_macro_means():
     result = score(records, predictions)
     tasks = result["tasks"]
     assert list(tasks) == ["i2s", "ro3", "s2f"]
-    assert tasks["s2f"] == {"kind": "formula", "n": 3, "exact_match": pytest.approx(1 / 3),
-                            "invalid_rate": pytest.approx(1 / 3)}
+    assert tasks["s2f"] == {
+        "kind": "formula",
+        "n": 3,
+        "exact_match": pytest.approx(1 / 3),
+        "invalid_rate": pytest.approx(1 / 3),
+    }
     assert tasks["i2s"] == {"kind": "smiles", "n": 1, "exact_match": 1.0, "invalid_rate": 0.0}
     assert tasks["ro3"]["exact_match"] == 0.0 and tasks["ro3"]["invalid_rate"] == 0.5
     overall = result["overall"]
@@ -248,8 +300,14 @@ def test_score_of_nothing_is_zero_and_lengths_must_agree():
 
 
 def test_untagged_text_answers_are_compared_whole_with_whitespace_normalised():
-    records = [{"task": "caption", "raw_output": "The molecule is  an alcohol.",
-                "output_core_tag_left": None, "output_core_tag_right": None}] * 2
+    records = [
+        {
+            "task": "caption",
+            "raw_output": "The molecule is  an alcohol.",
+            "output_core_tag_left": None,
+            "output_core_tag_right": None,
+        }
+    ] * 2
     metrics = score(records, ["  The molecule is an\nalcohol. ", "The molecule is a ketone."])["tasks"]["caption"]
     assert metrics["kind"] == "text"
     assert metrics["exact_match"] == 0.5 and metrics["invalid_rate"] == 0.0

@@ -14,8 +14,14 @@ from chemfl.errors import ChemFLError
 FACILITIES = ("polaris", "aurora", "frontier", "perlmutter")
 TASKS = [f"task{i}" for i in range(6)]
 ROWS = [TASKS[i % 6] for i in range(600)]  # 100 rows of each task
-BY_TASK = {"task0": "polaris", "task1": "polaris", "task2": "aurora", "task3": "frontier",
-           "task4": "perlmutter", "task5": "aurora"}
+BY_TASK = {
+    "task0": "polaris",
+    "task1": "polaris",
+    "task2": "aurora",
+    "task3": "frontier",
+    "task4": "perlmutter",
+    "task5": "aurora",
+}
 
 
 def spec(scheme: str, **options) -> PartitionSpec:
@@ -93,7 +99,7 @@ def test_sizes_with_an_uneven_total_add_up():
     parts = partition(rows, spec("sizes", sizes=(3.0, 1.0, 1.0, 1.0)))
     sizes = [len(p) for p in parts]
     assert sum(sizes) == 101
-    assert all(abs(size - share / 6 * 101) < 1 for size, share in zip(sizes, (3, 1, 1, 1)))
+    assert all(abs(size - share / 6 * 101) < 1 for size, share in zip(sizes, (3, 1, 1, 1), strict=False))
 
 
 def test_dirichlet_with_small_alpha_skews_task_mixes_compared_with_iid():
@@ -110,14 +116,27 @@ def test_dirichlet_with_small_alpha_skews_task_mixes_compared_with_iid():
 def test_by_task_puts_each_task_only_at_its_mapped_facility():
     parts = partition(ROWS, SCHEMES["by-task"])
     assert_exact_cover(parts, len(ROWS))
-    for facility, part in zip(FACILITIES, parts):
+    for facility, part in zip(FACILITIES, parts, strict=False):
         assert {ROWS[i] for i in part} == {task for task, name in BY_TASK.items() if name == facility}
 
 
 def test_by_task_follows_the_facility_order_not_the_alphabet():
     facilities = ("zeta", "alpha")
-    parts = partition(ROWS[:60], spec("by-task", facilities=facilities, task_map={
-        "task0": "zeta", "task1": "alpha", "task2": "alpha", "task3": "alpha", "task4": "alpha", "task5": "alpha"}))
+    parts = partition(
+        ROWS[:60],
+        spec(
+            "by-task",
+            facilities=facilities,
+            task_map={
+                "task0": "zeta",
+                "task1": "alpha",
+                "task2": "alpha",
+                "task3": "alpha",
+                "task4": "alpha",
+                "task5": "alpha",
+            },
+        ),
+    )
     assert {ROWS[i] for i in parts[0]} == {"task0"}
     assert len(parts[0]) == 10 and len(parts[1]) == 50
 
@@ -142,7 +161,7 @@ def test_shares_to_counts_sums_exactly_and_stays_within_one_of_proportional(shar
     counts = shares_to_counts(shares, total)
     assert sum(counts) == total
     assert all(count >= 0 for count in counts)
-    for share, count in zip(shares, counts):
+    for share, count in zip(shares, counts, strict=False):
         assert abs(count - share / sum(shares) * total) < 1 + 1e-9
 
 
@@ -187,8 +206,9 @@ def test_by_task_leaving_a_facility_without_a_task():
         spec("by-task", task_map=task_map).validate(TASKS)
 
 
-@pytest.mark.parametrize("names", [("Polaris",), ("1polaris",), ("polaris aurora",), ("pol/aris",), ("",),
-                                   ("../up",), ("polaris.",)])
+@pytest.mark.parametrize(
+    "names", [("Polaris",), ("1polaris",), ("polaris aurora",), ("pol/aris",), ("",), ("../up",), ("polaris.",)]
+)
 def test_bad_facility_names(names):
     with pytest.raises(ChemFLError, match="facility name"):
         spec("iid", facilities=names).validate(TASKS)

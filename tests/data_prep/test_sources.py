@@ -49,19 +49,21 @@ def upstream_records(root: Path, tasks, use_first: int | None = None) -> list[di
                     target = sample["target"]
                     output_data = output_data[target]
                 output_str = f"{out_left} {output_data} {out_right}" if out_left is not None else output_data
-                records.append({
-                    "input": template["input"].replace("<INPUT>", input_str),
-                    "output": template["output"].replace("<OUTPUT>", output_str),
-                    "raw_input": input_data,
-                    "raw_output": output_data,
-                    "task": task,
-                    "split": SPLIT_OF_FOLDER[folder],
-                    "input_core_tag_left": in_left,
-                    "input_core_tag_right": in_right,
-                    "output_core_tag_left": out_left,
-                    "output_core_tag_right": out_right,
-                    "target": target,
-                })
+                records.append(
+                    {
+                        "input": template["input"].replace("<INPUT>", input_str),
+                        "output": template["output"].replace("<OUTPUT>", output_str),
+                        "raw_input": input_data,
+                        "raw_output": output_data,
+                        "task": task,
+                        "split": SPLIT_OF_FOLDER[folder],
+                        "input_core_tag_left": in_left,
+                        "input_core_tag_right": in_right,
+                        "output_core_tag_left": out_left,
+                        "output_core_tag_right": out_right,
+                        "target": target,
+                    }
+                )
     return records
 
 
@@ -200,8 +202,12 @@ def test_smolinstruct_missing_raw_file_is_a_chemfl_error(smolinstruct_tree, tmp_
 
 
 def test_smolinstruct_sample_index_past_the_raw_file(tmp_path):
-    tree = {"name_conversion-s2f": {**SMOL_TREE["name_conversion-s2f"],
-                                    "samples": {**SMOL_TREE["name_conversion-s2f"]["samples"], "test": [(7, 0)]}}}
+    tree = {
+        "name_conversion-s2f": {
+            **SMOL_TREE["name_conversion-s2f"],
+            "samples": {**SMOL_TREE["name_conversion-s2f"]["samples"], "test": [(7, 0)]},
+        }
+    }
     root = write_smolinstruct_tree(tmp_path / "tree", tree)
     with pytest.raises(ChemFLError, match="sample index 7 is past the end"):
         load_smolinstruct(str(root), ["name_conversion-s2f"], 0)
@@ -256,8 +262,16 @@ def test_files_read_every_format_with_split_aliases(tmp_path, suffix):
     path = write(tmp_path / f"data{suffix}", ROWS)
     records, info = load_files([path], None, 0)
     assert info == {"name": "files", "paths": [path]}
-    assert [r["split"] for r in records] == ["train", "validation", "validation", "validation", "test",
-                                             "validation", "train", "train"]
+    assert [r["split"] for r in records] == [
+        "train",
+        "validation",
+        "validation",
+        "validation",
+        "test",
+        "validation",
+        "train",
+        "train",
+    ]
     assert all(list(r) == list(FIELDS) for r in records)
     assert [r["raw_input"] for r in records] == [row["raw_input"] for row in ROWS]
     assert records[6]["target"] == "x"
@@ -293,11 +307,14 @@ def test_files_task_filter_and_cap(tmp_path):
     records, _ = load_files([path], ["s2f"], 0)
     assert {r["task"] for r in records} == {"s2f"} and len(records) == 7
     records, _ = load_files([path], ["s2f"], 1)
-    assert [(r["raw_input"], r["split"]) for r in records] == [("CCO", "train"), ("CCC", "validation"),
-                                                                ("C", "test")]
+    assert [(r["raw_input"], r["split"]) for r in records] == [("CCO", "train"), ("CCC", "validation"), ("C", "test")]
     records, _ = load_files([path], None, 2)
     assert Counter((r["task"], r["split"]) for r in records) == {
-        ("s2f", "train"): 2, ("s2f", "validation"): 2, ("s2f", "test"): 1, ("i2f", "train"): 1}
+        ("s2f", "train"): 2,
+        ("s2f", "validation"): 2,
+        ("s2f", "test"): 1,
+        ("i2f", "train"): 1,
+    }
 
 
 def test_files_bad_input(tmp_path):
@@ -335,7 +352,7 @@ def test_offline_records_have_the_smolinstruct_fields_and_six_tasks(offline):
     # Split per molecule at the source: all six records of a molecule share one split.
     assert {r["split"] for r in records} == {"train", "validation", "test"}
     for start in range(0, len(records), 6):
-        assert len({r["split"] for r in records[start:start + 6]}) == 1
+        assert len({r["split"] for r in records[start : start + 6]}) == 1
     assert info["name"] == "offline" and info["molecules"] == 60
 
 
@@ -366,9 +383,13 @@ def test_offline_labels_agree_with_rdkit(offline):
             assert abs(float(record["raw_output"]) - Crippen.MolLogP(mol)) <= 0.005 + 1e-9
             assert record["raw_output"] == f"{float(record['raw_output']):.2f}"
         else:
-            fragment_like = (Descriptors.MolWt(mol) <= 300 and Crippen.MolLogP(mol) <= 3
-                             and Lipinski.NumHDonors(mol) <= 3 and Lipinski.NumHAcceptors(mol) <= 3
-                             and rdMolDescriptors.CalcNumRotatableBonds(mol) <= 3)
+            fragment_like = (
+                Descriptors.MolWt(mol) <= 300
+                and Crippen.MolLogP(mol) <= 3
+                and Lipinski.NumHDonors(mol) <= 3
+                and Lipinski.NumHAcceptors(mol) <= 3
+                and rdMolDescriptors.CalcNumRotatableBonds(mol) <= 3
+            )
             assert record["raw_output"] == ("Yes" if fragment_like else "No")
 
 
@@ -382,4 +403,5 @@ def test_offline_is_deterministic_and_seeded(offline):
 def test_offline_task_subset_draws_the_same_molecules(offline):
     subset, _ = load_offline(["name_conversion-s2f"], 60, 42, 0.1, 0.05)
     assert [r["raw_input"] for r in subset] == [
-        r["raw_input"] for r in offline[0] if r["task"] == "name_conversion-s2f"]
+        r["raw_input"] for r in offline[0] if r["task"] == "name_conversion-s2f"
+    ]

@@ -18,8 +18,12 @@ from chemfl.data_prep.splits import (
 )
 from chemfl.errors import ChemFLError
 
-TAG = {"smiles": ("<SMILES>", "</SMILES>"), "iupac": ("<IUPAC>", "</IUPAC>"),
-       "formula": ("<MOLFORMULA>", "</MOLFORMULA>"), "number": ("<NUMBER>", "</NUMBER>")}
+TAG = {
+    "smiles": ("<SMILES>", "</SMILES>"),
+    "iupac": ("<IUPAC>", "</IUPAC>"),
+    "formula": ("<MOLFORMULA>", "</MOLFORMULA>"),
+    "number": ("<NUMBER>", "</NUMBER>"),
+}
 
 
 def make(task: str, raw_input: str, in_kind: str, raw_output: str, out_kind: str, split: str | None = None) -> dict:
@@ -133,8 +137,9 @@ def test_no_leakage_on_a_small_offline_build(small_build):
     test = io.read_records(small_build / "test.parquet")
     validation = io.read_records(small_build / "validation.parquet")
     train = [r for shard in sorted(small_build.glob("partitions/*/train.parquet")) for r in io.read_records(shard)]
-    shard_validation = [r for shard in sorted(small_build.glob("partitions/*/validation.parquet"))
-                        for r in io.read_records(shard)]
+    shard_validation = [
+        r for shard in sorted(small_build.glob("partitions/*/validation.parquet")) for r in io.read_records(shard)
+    ]
     assert test and validation and train
     assert sorted(map(repr, shard_validation)) == sorted(map(repr, validation))
 
@@ -187,8 +192,10 @@ def test_remove_leakage_keeps_test_and_drops_train_and_validation_copies():
 
 
 def test_split_records_keeps_given_splits():
-    records = [make("s2f", "C" * k, "smiles", "x", "formula", split)
-               for k, split in zip(range(1, 7), ["train", "train", "validation", "test", "train", "test"])]
+    records = [
+        make("s2f", "C" * k, "smiles", "x", "formula", split)
+        for k, split in zip(range(1, 7), ["train", "train", "validation", "test", "train", "test"], strict=False)
+    ]
     kept, dropped = split_records([dict(r) for r in records], 0.5, 0.4, seed=0)
     assert [r["split"] for r in kept] == [r["split"] for r in records]
     assert not dropped

@@ -16,9 +16,11 @@ FACILITIES = ("polaris", "aurora", "frontier", "perlmutter")
 
 
 def fake_training(params: dict, node_id: int, task_id: int, steps: int) -> dict:
-    pull = 1.0 - 0.9 ** steps  # more local steps move further
-    return {name: (value + pull * (0.1 * node_id + 0.001 * task_id - value)).astype(value.dtype)
-            for name, value in params.items()}
+    pull = 1.0 - 0.9**steps  # more local steps move further
+    return {
+        name: (value + pull * (0.1 * node_id + 0.001 * task_id - value)).astype(value.dtype)
+        for name, value in params.items()
+    }
 
 
 @dataclass
@@ -53,11 +55,17 @@ class ShuffledGrid:
         steps = int(config.get("local-steps", 5))
         sent = {k: v.numpy() for k, v in message.content["arrays"].items()}
         trained = fake_training(sent, node, int(config["task-id"]), steps)
-        content = RecordDict({
-            "arrays": to_record(trained),
-            "metrics": MetricRecord({"num-examples": 10, "train-loss": 1.0, "steps": steps, "seconds": 0.01,
-                                     "tokens-per-second": 1.0}),
-            "node": ConfigRecord({"facility": self.facilities[node - 100]}),
-        })
-        return SimpleNamespace(metadata=SimpleNamespace(src_node_id=node, reply_to_message_id=message_id),
-                               has_error=lambda: False, content=content)
+        content = RecordDict(
+            {
+                "arrays": to_record(trained),
+                "metrics": MetricRecord(
+                    {"num-examples": 10, "train-loss": 1.0, "steps": steps, "seconds": 0.01, "tokens-per-second": 1.0}
+                ),
+                "node": ConfigRecord({"facility": self.facilities[node - 100]}),
+            }
+        )
+        return SimpleNamespace(
+            metadata=SimpleNamespace(src_node_id=node, reply_to_message_id=message_id),
+            has_error=lambda: False,
+            content=content,
+        )

@@ -36,21 +36,32 @@ def campaign(**changes) -> CampaignSpec:
 
 def initial_params() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
-    return {"m.lora_A.weight": rng.normal(size=(2, 3)).astype(np.float32),
-            "m.lora_B.weight": np.zeros((4, 2), dtype=np.float32)}
+    return {
+        "m.lora_A.weight": rng.normal(size=(2, 3)).astype(np.float32),
+        "m.lora_B.weight": np.zeros((4, 2), dtype=np.float32),
+    }
 
 
-def run_campaign(spec: CampaignSpec, strategy, order_seed: int = 0, hours: float = 12.0, steps: int = 5,
-                 facilities=FACILITIES):
+def run_campaign(
+    spec: CampaignSpec, strategy, order_seed: int = 0, hours: float = 12.0, steps: int = 5, facilities=FACILITIES
+):
     real = ShuffledGrid(order_seed, facilities)
     lines: list[dict] = []
-    grid = EmulatedGrid(real, spec, {name: 100 + i for i, name in enumerate(facilities)}, steps, lines.append,
-                        poll_seconds=0.0)
-    run = AsyncRun(grid, strategy, AsyncState(params=initial_params()), AsyncSpec(eval_every=1),
-                   StopRule(num_versions=10_000, max_seconds=hours * 3600),
-                   evaluate=lambda version, params: float(np.mean([np.abs(v).mean() for v in params.values()])),
-                   record=lines.append, clock=grid.clock, sleep=grid.sleep,
-                   facility_of={grid.node_id(name): name for name in facilities})
+    grid = EmulatedGrid(
+        real, spec, {name: 100 + i for i, name in enumerate(facilities)}, steps, lines.append, poll_seconds=0.0
+    )
+    run = AsyncRun(
+        grid,
+        strategy,
+        AsyncState(params=initial_params()),
+        AsyncSpec(eval_every=1),
+        StopRule(num_versions=10_000, max_seconds=hours * 3600),
+        evaluate=lambda version, params: float(np.mean([np.abs(v).mean() for v in params.values()])),
+        record=lines.append,
+        clock=grid.clock,
+        sleep=grid.sleep,
+        facility_of={grid.node_id(name): name for name in facilities},
+    )
     params = run.run()
     grid.finish()
     real.dispatched = run.state.task_counter
@@ -69,8 +80,11 @@ def test_completions_are_processed_in_virtual_time_order_whatever_the_real_order
     assert all(np.array_equal(params_first[k], params_second[k]) for k in params_first)
     arrivals = [line["arrival_time"] for line in first if line["event"] == "update"]
     assert len(arrivals) > 20 and arrivals == sorted(arrivals)
-    times = [line.get("time", line.get("arrival_time", line.get("wall_time"))) for line in first
-             if line["event"] in ("update", "lost", "job")]
+    times = [
+        line.get("time", line.get("arrival_time", line.get("wall_time")))
+        for line in first
+        if line["event"] in ("update", "lost", "job")
+    ]
     assert times == sorted(times)
 
 
@@ -79,62 +93,112 @@ def test_same_seed_same_campaign_other_seed_other_queue_waits():
     again, _, _ = run_campaign(campaign(seed=3), FedAsync(), hours=6)
     other, _, _ = run_campaign(campaign(seed=4), FedAsync(), hours=6)
     assert deterministic(once) == deterministic(again)
-    starts = lambda lines: [(l["facility"], l["time"]) for l in lines if l["event"] == "job" and l["state"] == "running"]
+
+    def starts(lines):
+        return [
+            (line["facility"], line["time"]) for line in lines if line["event"] == "job" and line["state"] == "running"
+        ]
+
     assert starts(once) != starts(other)
 
 
 def test_walltime_end_loses_exactly_the_work_in_flight_and_it_is_never_trained():
     # One facility, 100 s jobs, tasks of 2 x 30 s: the first finishes at 60 s, the second would at 120 s.
-    spec = CampaignSpec.from_config(resolve({
-        "emulation.seconds-per-step": "solo=30", "emulation.walltime": "solo=100", "emulation.queue-median": "solo=50",
-        "emulation.startup-seconds": "solo=0", "emulation.queue-sigma": 0.0}), ("solo",))
+    spec = CampaignSpec.from_config(
+        resolve(
+            {
+                "emulation.seconds-per-step": "solo=30",
+                "emulation.walltime": "solo=100",
+                "emulation.queue-median": "solo=50",
+                "emulation.startup-seconds": "solo=0",
+                "emulation.queue-sigma": 0.0,
+            }
+        ),
+        ("solo",),
+    )
     lines, _, real = run_campaign(spec, FedAsync(), hours=0.1, steps=2, facilities=("solo",))
-    jobs = [l for l in lines if l["event"] == "job"]
-    assert [(l["state"], l["time"]) for l in jobs[:4]] == [("queued", 0.0), ("running", 50.0), ("ended", 150.0),
-                                                          ("queued", 150.0)]
-    updates = [l for l in lines if l["event"] == "update"]
-    lost = [l for l in lines if l["event"] == "lost"]
+    jobs = [line for line in lines if line["event"] == "job"]
+    assert [(line["state"], line["time"]) for line in jobs[:4]] == [
+        ("queued", 0.0),
+        ("running", 50.0),
+        ("ended", 150.0),
+        ("queued", 150.0),
+    ]
+    updates = [line for line in lines if line["event"] == "update"]
+    lost = [line for line in lines if line["event"] == "lost"]
     assert [u["arrival_time"] for u in updates][:1] == [pytest.approx(110.0)]
     assert lost[0]["time"] == 150.0 and lost[0]["dispatch_time"] == pytest.approx(110.0)
     assert lost[0]["reason"].startswith("walltime") and lost[0]["facility"] == "solo"
     # Each job: one task delivered, one lost; a lost task never reaches a real SuperNode.
     assert len(lost) >= 2 and len(real.pushed) == real.dispatched - len(lost)
-    assert all(l["dispatch_time"] + 60 > next(j["time"] for j in jobs if j["state"] == "ended" and j["time"] >= l["time"])
-               for l in lost)
+    assert all(
+        line["dispatch_time"] + 60
+        > next(j["time"] for j in jobs if j["state"] == "ended" and j["time"] >= line["time"])
+        for line in lost
+    )
 
 
 def test_replayed_trace_reproduces_its_queue_waits(tmp_path):
     trace = tmp_path / "launch.jsonl"
     events = []
-    for facility, waits in {"polaris": [120.0, 900.0], "aurora": [30.0], "frontier": [5.0, 6.0, 7.0],
-                            "perlmutter": [60.0]}.items():
+    for facility, waits in {
+        "polaris": [120.0, 900.0],
+        "aurora": [30.0],
+        "frontier": [5.0, 6.0, 7.0],
+        "perlmutter": [60.0],
+    }.items():
         clock = 1_700_000_000.0
         for attempt, wait in enumerate(waits):
             job = f"{facility}-{attempt}"
-            events += [{"time": clock, "event": "submitted" if attempt == 0 else "resubmitted", "facility": facility,
-                        "backend": "slurm", "job_id": job, "attempt": attempt},
-                       {"time": clock + wait, "event": "started", "facility": facility, "backend": "slurm",
-                        "job_id": job, "attempt": attempt, "queue_wait_seconds": wait},
-                       {"time": clock + wait + 3600, "event": "ended", "facility": facility, "backend": "slurm",
-                        "job_id": job, "attempt": attempt, "ran_seconds": 3600.0}]
+            events += [
+                {
+                    "time": clock,
+                    "event": "submitted" if attempt == 0 else "resubmitted",
+                    "facility": facility,
+                    "backend": "slurm",
+                    "job_id": job,
+                    "attempt": attempt,
+                },
+                {
+                    "time": clock + wait,
+                    "event": "started",
+                    "facility": facility,
+                    "backend": "slurm",
+                    "job_id": job,
+                    "attempt": attempt,
+                    "queue_wait_seconds": wait,
+                },
+                {
+                    "time": clock + wait + 3600,
+                    "event": "ended",
+                    "facility": facility,
+                    "backend": "slurm",
+                    "job_id": job,
+                    "attempt": attempt,
+                    "ran_seconds": 3600.0,
+                },
+            ]
             clock += wait + 3600
     trace.write_text("".join(json.dumps(e) + "\n" for e in events))
     spec = campaign(queue_trace=str(trace))
     assert [spec.queue_wait("polaris", k) for k in range(3)] == [120.0, 900.0, 120.0]
     assert [spec.queue_wait("frontier", k) for k in range(3)] == [5.0, 6.0, 7.0]
     lines, _, _ = run_campaign(spec, FedBuff(buffer_size=2), hours=3)
-    starts = [l["time"] for l in lines if l["event"] == "job" and l["state"] == "running" and l["facility"] == "frontier"]
+    starts = [
+        line["time"]
+        for line in lines
+        if line["event"] == "job" and line["state"] == "running" and line["facility"] == "frontier"
+    ]
     assert starts[:2] == [5.0, 5.0 + 7200 + 6.0]
 
 
 def test_walltime_aware_never_loses_work_and_skips_what_cannot_finish():
-    lines, _, _ = run_campaign(campaign(), WalltimeAware(base_steps=5, min_steps=2, max_steps=15),
-                               hours=12)
-    assert not [l for l in lines if l["event"] == "lost"]
+    lines, _, _ = run_campaign(campaign(), WalltimeAware(base_steps=5, min_steps=2, max_steps=15), hours=12)
+    assert not [line for line in lines if line["event"] == "lost"]
     baseline, _, _ = run_campaign(campaign(), FedAsync(), hours=12)
-    assert [l for l in baseline if l["event"] == "lost"]  # the same campaign does lose work without planning
-    updates = [l for l in lines if l["event"] == "update"]
-    assert {l["steps"] for l in updates} - {5}  # tasks were sized, not all default
+    assert [line for line in baseline if line["event"] == "lost"]  # the same campaign does lose work without planning
+    updates = [line for line in lines if line["event"] == "update"]
+    assert {line["steps"] for line in updates} - {5}  # tasks were sized, not all default
 
 
 def test_walltime_aware_plan_fits_the_reported_walltime():
@@ -157,10 +221,10 @@ def test_walltime_aware_plan_fits_the_reported_walltime():
 
 def test_fedavg_rounds_wait_for_every_dispatched_node_and_average_by_examples():
     lines, _, _ = run_campaign(campaign(), FedAvgRounds(min_nodes=1), hours=8)
-    updates = [l for l in lines if l["event"] in ("update", "lost")]
-    assert all(l.get("staleness", 0) == 0 for l in updates)
+    updates = [line for line in lines if line["event"] in ("update", "lost")]
+    assert all(line.get("staleness", 0) == 0 for line in updates)
     # A round's tasks all start from the version it published, and no task is sent mid-round.
-    dispatches = sorted({(l["dispatch_time"], l["version_sent"]) for l in updates})
+    dispatches = sorted({(line["dispatch_time"], line["version_sent"]) for line in updates})
     versions = [v for _, v in dispatches]
     assert versions == sorted(versions)
 

@@ -53,8 +53,12 @@ def test_walltime_aware_campaign_runs_in_virtual_time_loses_nothing_and_reports(
     assert {line["facility"] for line in jobs if line["state"] == "running"} == {"polaris", "frontier", "perlmutter"}
     updates = [line for line in lines if line["event"] == "update"]
     assert len(updates) >= 6 and not [line for line in lines if line["event"] == "lost"]
-    assert all(line["walltime_remaining"] >= 0 and line["train_seconds"] == line["steps"] * {
-        "polaris": 300, "frontier": 400, "perlmutter": 300}[line["facility"]] for line in updates)
+    assert all(
+        line["walltime_remaining"] >= 0
+        and line["train_seconds"]
+        == line["steps"] * {"polaris": 300, "frontier": 400, "perlmutter": 300}[line["facility"]]
+        for line in updates
+    )
     assert max(line["arrival_time"] for line in updates) <= 3 * 3600
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert not list(run_dir.glob("adapter-version-*"))  # outputs.keep-every-adapter = false

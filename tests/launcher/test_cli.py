@@ -80,19 +80,46 @@ def superlink(certs) -> Iterator[TlsListener]:
     listener.close()
 
 
-def facilities_file(tmp_path: Path, address: str, ca: Path | str, *, extra: dict | None = None,
-                    superlink: dict | None = None, **facilities: dict) -> Path:
+def facilities_file(
+    tmp_path: Path,
+    address: str,
+    ca: Path | str,
+    *,
+    extra: dict | None = None,
+    superlink: dict | None = None,
+    **facilities: dict,
+) -> Path:
     """A facilities file: [superlink] at `address`, and `facilities` (default: polaris and perlmutter)."""
     tables = facilities or {
-        "polaris": {"profile": "polaris", "account": "proj", "walltime": "00:30:00", "supernodes-per-node": 2,
-                    "data-path": "/eagle/proj/partitions/polaris", "resubmit-backoff": 0, "max-resubmits": 2},
-        "perlmutter": {"profile": "perlmutter", "account": "proj", "walltime": "00:20:00", "supernodes-per-node": 1,
-                       "data-path": "$PSCRATCH/partitions/perlmutter", "resubmit-backoff": 0},
+        "polaris": {
+            "profile": "polaris",
+            "account": "proj",
+            "walltime": "00:30:00",
+            "supernodes-per-node": 2,
+            "data-path": "/eagle/proj/partitions/polaris",
+            "resubmit-backoff": 0,
+            "max-resubmits": 2,
+        },
+        "perlmutter": {
+            "profile": "perlmutter",
+            "account": "proj",
+            "walltime": "00:20:00",
+            "supernodes-per-node": 1,
+            "data-path": "$PSCRATCH/partitions/perlmutter",
+            "resubmit-backoff": 0,
+        },
     }
     for name, table in (extra or {}).items():
         tables[name] = table
-    plan = {"superlink": {"address": address, "root-certificates": str(ca), "keys-dir": "~/chemfl/keys",
-                          **(superlink or {})}, "facilities": tables}
+    plan = {
+        "superlink": {
+            "address": address,
+            "root-certificates": str(ca),
+            "keys-dir": "~/chemfl/keys",
+            **(superlink or {}),
+        },
+        "facilities": tables,
+    }
     path = tmp_path / "facilities.toml"
     path.write_text(tomli_w.dumps(plan))
     return path
@@ -114,10 +141,20 @@ def listing(folder: Path) -> dict[str, int]:
 
 def test_dry_run_writes_every_script_and_submits_nothing(tmp_path, fake, certs, capsys):
     path = facilities_file(
-        tmp_path, "127.0.0.1:9", certs.ca_cert,  # nothing listens there: a dry run does not look
-        extra={"aurora": {"profile": "aurora", "account": "proj", "walltime": "00:30:00", "supernodes-per-node": 2,
-                          "data-path": "/flare/partitions/aurora", "backend": "globus",
-                          "globus-endpoint": GLOBUS_ENDPOINT}},
+        tmp_path,
+        "127.0.0.1:9",
+        certs.ca_cert,  # nothing listens there: a dry run does not look
+        extra={
+            "aurora": {
+                "profile": "aurora",
+                "account": "proj",
+                "walltime": "00:30:00",
+                "supernodes-per-node": 2,
+                "data-path": "/flare/partitions/aurora",
+                "backend": "globus",
+                "globus-endpoint": GLOBUS_ENDPOINT,
+            }
+        },
     )
     out = tmp_path / "launch"
     assert run_cli("submit", path, "--dry-run", "--out", out) == 0
@@ -150,28 +187,50 @@ def test_only_renders_the_named_facilities_with_the_whole_plans_ports(tmp_path, 
 SUBMIT_ERRORS = {
     "no such file": (lambda tmp, cert, port: ["submit", tmp / "missing.toml"], "no such facilities file"),
     "bad facility": (
-        lambda tmp, cert, port: ["submit", facilities_file(tmp, f"127.0.0.1:{port}", cert, polaris={
-            "profile": "polaris", "account": "proj", "walltime": "00:30:00", "data-path": "/x", "wall-time": "1"})],
-        'unknown key "wall-time"'),
+        lambda tmp, cert, port: [
+            "submit",
+            facilities_file(
+                tmp,
+                f"127.0.0.1:{port}",
+                cert,
+                polaris={
+                    "profile": "polaris",
+                    "account": "proj",
+                    "walltime": "00:30:00",
+                    "data-path": "/x",
+                    "wall-time": "1",
+                },
+            ),
+        ],
+        'unknown key "wall-time"',
+    ),
     "unknown --only": (
         lambda tmp, cert, port: ["submit", facilities_file(tmp, f"127.0.0.1:{port}", cert), "--only", "summit"],
-        "--only summit: no such facility"),
+        "--only summit: no such facility",
+    ),
     "dry run and watch": (
         lambda tmp, cert, port: ["submit", facilities_file(tmp, f"127.0.0.1:{port}", cert), "--dry-run", "--watch"],
-        "nothing to --watch"),
+        "nothing to --watch",
+    ),
     "poll": (
         lambda tmp, cert, port: ["submit", facilities_file(tmp, f"127.0.0.1:{port}", cert), "--poll", "0"],
-        "--poll 0"),
+        "--poll 0",
+    ),
     "no SuperLink": (
         lambda tmp, cert, port: ["submit", facilities_file(tmp, f"127.0.0.1:{free_port()}", cert)],
-        "is not reachable"),
+        "is not reachable",
+    ),
     "CA not here": (
         lambda tmp, cert, port: ["submit", facilities_file(tmp, f"127.0.0.1:{port}", tmp / "elsewhere" / "ca.crt")],
-        "--root-certificates"),
+        "--root-certificates",
+    ),
     "another CA": (
-        lambda tmp, cert, port: ["submit", facilities_file(
-            tmp, f"127.0.0.1:{port}", make_certificates(tmp / "other-ca", []).ca_cert)],
-        "not trusted by"),
+        lambda tmp, cert, port: [
+            "submit",
+            facilities_file(tmp, f"127.0.0.1:{port}", make_certificates(tmp / "other-ca", []).ca_cert),
+        ],
+        "not trusted by",
+    ),
 }
 
 
@@ -189,8 +248,7 @@ def test_submit_errors_before_writing_or_submitting(case, tmp_path, fake, certs,
 def test_submit_without_the_scheduler_command_errors_first(tmp_path, certs, superlink, monkeypatch, capsys):
     monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no qsub, no sbatch here
     out = tmp_path / "launch"
-    assert run_cli("submit", facilities_file(tmp_path, f"127.0.0.1:{superlink.port}", certs.ca_cert),
-                   "--out", out) == 2
+    assert run_cli("submit", facilities_file(tmp_path, f"127.0.0.1:{superlink.port}", certs.ca_cert), "--out", out) == 2
     error = capsys.readouterr().err
     assert "`qsub` is not on PATH" in error and "--dry-run" in error
     assert not out.exists()
@@ -198,8 +256,12 @@ def test_submit_without_the_scheduler_command_errors_first(tmp_path, certs, supe
 
 def test_a_local_job_without_flower_supernode_on_path_errors_first(tmp_path, certs, superlink, monkeypatch, capsys):
     monkeypatch.setenv("PATH", "/usr/bin:/bin")  # bash, but no flower-supernode
-    path = facilities_file(tmp_path, f"127.0.0.1:{superlink.port}", certs.ca_cert,
-                           a={"profile": "local", "walltime": "00:10:00", "data-path": str(tmp_path)})
+    path = facilities_file(
+        tmp_path,
+        f"127.0.0.1:{superlink.port}",
+        certs.ca_cert,
+        a={"profile": "local", "walltime": "00:10:00", "data-path": str(tmp_path)},
+    )
     out = tmp_path / "launch"
     assert run_cli("submit", path, "--out", out) == 2
     assert "flower-supernode, which is not on PATH" in capsys.readouterr().err
@@ -228,11 +290,15 @@ def test_submit_status_stop_with_fake_schedulers(tmp_path, fake, certs, superlin
     assert run_cli("submit", path, "--out", out) == 0
     printed = capsys.readouterr().out
     assert f"SuperLink 127.0.0.1:{superlink.port} reachable from here" in printed
-    assert fake.calls() == [(str(out.resolve()), f"qsub {out.resolve()}/polaris.sh"),
-                            (str(out.resolve()), f"sbatch --parsable {out.resolve()}/perlmutter.sh")]
+    assert fake.calls() == [
+        (str(out.resolve()), f"qsub {out.resolve()}/polaris.sh"),
+        (str(out.resolve()), f"sbatch --parsable {out.resolve()}/perlmutter.sh"),
+    ]
     events = read_events(out / "launch.jsonl")
     assert [(e["facility"], e["event"], e["job_id"]) for e in events] == [
-        ("polaris", "submitted", "1001.fake-pbs-01"), ("perlmutter", "submitted", "1002")]
+        ("polaris", "submitted", "1001.fake-pbs-01"),
+        ("perlmutter", "submitted", "1002"),
+    ]
     assert read_state(out)["watcher_pid"] is None  # without --watch, nobody follows the jobs
 
     fake.set_state("1002", "RUNNING")
@@ -254,16 +320,34 @@ def test_watch_resubmits_an_ended_job_until_stop(tmp_path, fake, certs, superlin
     path = facilities_file(tmp_path, f"127.0.0.1:{superlink.port}", certs.ca_cert)
     out = tmp_path / "launch"
     watcher = subprocess.Popen(
-        [sys.executable, "-m", "chemfl.cli", "launch", "submit", str(path), "--out", str(out), "--watch",
-         "--poll", "0.2"],
-        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy(),
+        [
+            sys.executable,
+            "-m",
+            "chemfl.cli",
+            "launch",
+            "submit",
+            str(path),
+            "--out",
+            str(out),
+            "--watch",
+            "--poll",
+            "0.2",
+        ],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=os.environ.copy(),
     )
     try:
+
         def wait_for(predicate, what: str, seconds: float = 30) -> None:
             deadline = time.monotonic() + seconds
             while not predicate():
                 if watcher.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"{what}; watcher output:\n{watcher.stdout.read() if watcher.poll() is not None else ''}")
+                    raise AssertionError(
+                        f"{what}; watcher output:\n{watcher.stdout.read() if watcher.poll() is not None else ''}"
+                    )
                 time.sleep(0.1)
 
         def events() -> list[tuple[str, str, str]]:
@@ -315,8 +399,12 @@ def test_superlink_writes_certificates_keys_script_and_connection(tmp_path, cert
     assert subprocess.run(["bash", "-n", str(out / "superlink.sh")]).returncode == 0
     command = shlex.split(script.split("exec ", 1)[1].replace("\\\n", " ").replace('"$here', f'"{out}'))
     assert command[:5] == ["flower-superlink", "--host", "0.0.0.0", "--port", "8000"]
-    for flag, file in (("--ssl-ca-certfile", "certs/ca.crt"), ("--ssl-certfile", "certs/server.crt"),
-                       ("--ssl-keyfile", "certs/server.key"), ("--database", "state.db")):
+    for flag, file in (
+        ("--ssl-ca-certfile", "certs/ca.crt"),
+        ("--ssl-certfile", "certs/server.crt"),
+        ("--ssl-keyfile", "certs/server.key"),
+        ("--database", "state.db"),
+    ):
         assert command[command.index(flag) + 1] == str(out / file)
     assert "--enable-supernode-auth" in command and "--disable-runtime-dependency-installation" in command
     assert "export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in script
@@ -326,7 +414,7 @@ def test_superlink_writes_certificates_keys_script_and_connection(tmp_path, cert
     assert "server/keys/polaris-0 .. polaris-1 -> ~/chemfl/keys/" in printed.replace(str(tmp_path) + "/", "")
     assert "certs/ca.crt -> ~/chemfl/certs/ca.crt" in printed
     assert "forward it to 8000" in printed  # SuperNodes were told 443
-    assert f"chemfl launch register" in printed
+    assert "chemfl launch register" in printed
 
     # A rerun keeps the CA and every key (SuperNodes keep their identity and their copies).
     kept = {p: p.read_bytes() for p in [out / "certs" / "ca.crt", *(out / "keys").iterdir()]}
@@ -336,8 +424,11 @@ def test_superlink_writes_certificates_keys_script_and_connection(tmp_path, cert
 
 SUPERLINK_ERRORS = {
     "host not in the certificate": (["--host", "other.example.org"], {}, "add --host fl.example.org"),
-    "insecure": ([], {"address": "127.0.0.1:8000", "insecure": True, "root-certificates": "", "keys-dir": ""},
-                 "insecure = true"),
+    "insecure": (
+        [],
+        {"address": "127.0.0.1:8000", "insecure": True, "root-certificates": "", "keys-dir": ""},
+        "insecure = true",
+    ),
     "system CAs": ([], {"root-certificates": ""}, 'root-certificates = "" means'),
     "connection name": (["--connection", "not a name"], {}, "connection name"),
     "port": (["--port", "70000"], {}, "--port 70000"),
@@ -348,8 +439,9 @@ SUPERLINK_ERRORS = {
 @pytest.mark.parametrize("case", SUPERLINK_ERRORS)
 def test_superlink_errors_before_writing(case, tmp_path, capsys):
     arguments, superlink, message = SUPERLINK_ERRORS[case]
-    path = facilities_file(tmp_path, superlink.pop("address", "fl.example.org:443"), "~/chemfl/certs/ca.crt",
-                           superlink=superlink)
+    path = facilities_file(
+        tmp_path, superlink.pop("address", "fl.example.org:443"), "~/chemfl/certs/ca.crt", superlink=superlink
+    )
     out, home = tmp_path / "server", tmp_path / "flwr-home"
     assert run_cli("superlink", path, "--out", out, "--flwr-home", home, *arguments) == 2
     assert message in capsys.readouterr().err
@@ -369,8 +461,10 @@ def test_superlink_refuses_a_broken_flwr_config_before_writing(tmp_path, capsys)
 def test_register_says_to_start_the_superlink_first(tmp_path, capsys):
     port = free_port()
     path = facilities_file(tmp_path, f"127.0.0.1:{port}", tmp_path / "server" / "certs" / "ca.crt")
-    assert run_cli("superlink", path, "--out", tmp_path / "server", "--flwr-home", tmp_path / "home",
-                   "--port", str(port)) == 0
+    assert (
+        run_cli("superlink", path, "--out", tmp_path / "server", "--flwr-home", tmp_path / "home", "--port", str(port))
+        == 0
+    )
     capsys.readouterr()
     assert run_cli("register", tmp_path / "server") == 2
     error = capsys.readouterr().err

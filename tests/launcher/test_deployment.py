@@ -17,6 +17,7 @@ i.e. for the restarted SuperNode, which the SuperLink refuses for about a minute
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -66,8 +67,14 @@ class Processes:
 
     def start(self, argv: list[str], log: Path, **kwargs) -> subprocess.Popen:
         with log.open("w") as stream:
-            process = subprocess.Popen(argv, stdout=stream, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       start_new_session=True, **kwargs)
+            process = subprocess.Popen(
+                argv,
+                stdout=stream,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                **kwargs,
+            )
         self.groups.append(process)
         return process
 
@@ -75,8 +82,11 @@ class Processes:
         pids = []
         for launch_dir in self.launch_dirs:
             if (launch_dir / "launch.jsonl").is_file():
-                pids += [local_pid(e["job_id"]) for e in read_events(launch_dir / "launch.jsonl")
-                         if e["event"] in ("submitted", "resubmitted")]
+                pids += [
+                    local_pid(e["job_id"])
+                    for e in read_events(launch_dir / "launch.jsonl")
+                    if e["event"] in ("submitted", "resubmitted")
+                ]
         return pids
 
     def stop_all(self) -> None:
@@ -84,21 +94,15 @@ class Processes:
             if launch_dir.is_dir():
                 (launch_dir / "launch.stop").touch()  # the watcher submits nothing more
         for pid in [process.pid for process in reversed(self.groups)] + self.job_pids():
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
         deadline = time.monotonic() + 15
         for process in self.groups:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
         for pid in [process.pid for process in self.groups] + self.job_pids():
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
         for process in self.groups:
             if process.poll() is None:
                 process.wait(10)
@@ -155,18 +159,29 @@ def run_local_script(tmp_path: Path, refusals: int, retry_seconds: int) -> subpr
     from chemfl.launcher.facilities import parse_plan
     from chemfl.launcher.render import render_script
 
-    plan = parse_plan({
-        "superlink": {"address": "127.0.0.1:9092", "root-certificates": str(tmp_path / "ca.crt"),
-                      "keys-dir": str(tmp_path / "keys")},
-        "facilities": {"a": {"profile": "local", "walltime": "00:10:00", "data-path": str(tmp_path)}},
-    })
+    plan = parse_plan(
+        {
+            "superlink": {
+                "address": "127.0.0.1:9092",
+                "root-certificates": str(tmp_path / "ca.crt"),
+                "keys-dir": str(tmp_path / "keys"),
+            },
+            "facilities": {"a": {"profile": "local", "walltime": "00:10:00", "data-path": str(tmp_path)}},
+        }
+    )
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "flower-supernode").write_text(STAND_IN)
     (tmp_path / "bin" / "flower-supernode").chmod(0o755)
     (tmp_path / "job.sh").write_text(render_script(plan, plan.facilities[0]))
-    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", "TMPDIR": str(tmp_path),
-           "ATTEMPTS": str(tmp_path / "attempts"), "REFUSALS": str(refusals),
-           "CHEMFL_REFUSED_RETRY": str(retry_seconds), "CHEMFL_REFUSED_PAUSE": "0.2"}
+    env = {
+        **os.environ,
+        "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}",
+        "TMPDIR": str(tmp_path),
+        "ATTEMPTS": str(tmp_path / "attempts"),
+        "REFUSALS": str(refusals),
+        "CHEMFL_REFUSED_RETRY": str(retry_seconds),
+        "CHEMFL_REFUSED_PAUSE": "0.2",
+    }
     return subprocess.run(["bash", str(tmp_path / "job.sh")], env=env, capture_output=True, text=True, timeout=60)
 
 
@@ -200,28 +215,77 @@ def test_REAL_deployment_survives_a_killed_facility_job(tmp_path: Path, processe
     server, launch = tmp_path / "server", tmp_path / "launch"
     processes.launch_dirs.append(launch)
     facilities_file = tmp_path / "facilities.toml"
-    facilities_file.write_text(tomli_w.dumps({
-        "superlink": {"address": f"127.0.0.1:{port}", "root-certificates": str(server / "certs" / "ca.crt"),
-                      "keys-dir": str(server / "keys")},
-        "facilities": {name: {"profile": "local", "walltime": "00:15:00", "data-path": str(data / "partitions" / name),
-                              "max-resubmits": 2, "resubmit-backoff": 1} for name in FACILITIES},
-    }))
+    facilities_file.write_text(
+        tomli_w.dumps(
+            {
+                "superlink": {
+                    "address": f"127.0.0.1:{port}",
+                    "root-certificates": str(server / "certs" / "ca.crt"),
+                    "keys-dir": str(server / "keys"),
+                },
+                "facilities": {
+                    name: {
+                        "profile": "local",
+                        "walltime": "00:15:00",
+                        "data-path": str(data / "partitions" / name),
+                        "max-resubmits": 2,
+                        "resubmit-backoff": 1,
+                    }
+                    for name in FACILITIES
+                },
+            }
+        )
+    )
     cli_home = tmp_path / "flwr-cli"  # the connection `flwr run` and `register` use
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "TMPDIR": str(tmp_path / "tmp"),
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "CHEMFL_REFUSED_PAUSE": "3"}  # the jobs' scripts retry a refused SuperNode every 3 s (default 10)
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "TMPDIR": str(tmp_path / "tmp"),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "CHEMFL_REFUSED_PAUSE": "3",
+    }  # the jobs' scripts retry a refused SuperNode every 3 s (default 10)
     (tmp_path / "tmp").mkdir()
 
     def logs() -> str:
         job_logs = sorted(launch.glob("*.log")) if launch.is_dir() else []
-        return "\n".join(tail(path) for path in [tmp_path / "run.log", tmp_path / "superlink.log",
-                                                  tmp_path / "watcher.log", *job_logs, tmp_path / "rogue.log"])
+        return "\n".join(
+            tail(path)
+            for path in [
+                tmp_path / "run.log",
+                tmp_path / "superlink.log",
+                tmp_path / "watcher.log",
+                *job_logs,
+                tmp_path / "rogue.log",
+            ]
+        )
 
     # --- the SuperLink: certificates, keys, superlink.sh, connection, registration ----------------
-    assert main(["launch", "superlink", str(facilities_file), "--out", str(server), "--port", str(port),
-                 "--bind", "127.0.0.1", "--connection", "chemfl-test", "--flwr-home", str(cli_home)]) == 0
-    processes.start(["bash", str(server / "superlink.sh")], tmp_path / "superlink.log", cwd=tmp_path,
-                    env={**env, "FLWR_HOME": str(tmp_path / "superlink-home")})
+    assert (
+        main(
+            [
+                "launch",
+                "superlink",
+                str(facilities_file),
+                "--out",
+                str(server),
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--connection",
+                "chemfl-test",
+                "--flwr-home",
+                str(cli_home),
+            ]
+        )
+        == 0
+    )
+    processes.start(
+        ["bash", str(server / "superlink.sh")],
+        tmp_path / "superlink.log",
+        cwd=tmp_path,
+        env={**env, "FLWR_HOME": str(tmp_path / "superlink-home")},
+    )
 
     def superlink_up() -> bool:
         try:
@@ -236,37 +300,89 @@ def test_REAL_deployment_survives_a_killed_facility_job(tmp_path: Path, processe
     # A SuperNode whose key was never registered is refused (it runs beside the rest and is checked at the end).
     rogue = make_supernode_keys(tmp_path / "rogue", ["rogue-0"])["rogue-0"]
     rogue_node = processes.start(
-        [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}", "--root-certificates",
-         str(server / "certs" / "ca.crt"), "--auth-supernode-private-key", str(rogue.private_key),
-         "--port", str(free_port()), "--node-config", f"data-path='{data / 'partitions' / 'a'}'"],
-        tmp_path / "rogue.log", env={**env, "FLWR_HOME": str(tmp_path / "rogue-home")},
+        [
+            str(BIN / "flower-supernode"),
+            "--superlink",
+            f"127.0.0.1:{port}",
+            "--root-certificates",
+            str(server / "certs" / "ca.crt"),
+            "--auth-supernode-private-key",
+            str(rogue.private_key),
+            "--port",
+            str(free_port()),
+            "--node-config",
+            f"data-path='{data / 'partitions' / 'a'}'",
+        ],
+        tmp_path / "rogue.log",
+        env={**env, "FLWR_HOME": str(tmp_path / "rogue-home")},
     )
 
     # --- the facilities' jobs, kept alive by the watcher ------------------------------------------
     launched_at = time.monotonic()
     watcher = processes.start(
-        [sys.executable, "-m", "chemfl.cli", "launch", "submit", str(facilities_file), "--out", str(launch),
-         "--watch", "--poll", "1"], tmp_path / "watcher.log", cwd=tmp_path, env=env,
+        [
+            sys.executable,
+            "-m",
+            "chemfl.cli",
+            "launch",
+            "submit",
+            str(facilities_file),
+            "--out",
+            str(launch),
+            "--watch",
+            "--poll",
+            "1",
+        ],
+        tmp_path / "watcher.log",
+        cwd=tmp_path,
+        env=env,
     )
-    wait_for(lambda: (launch / "launch-state.json").is_file() and all(
-        entry["state"] == "running" for entry in read_state(launch)["facilities"].values()), 30,
-        "the watcher did not start the three jobs", logs)
+    wait_for(
+        lambda: (
+            (launch / "launch-state.json").is_file()
+            and all(entry["state"] == "running" for entry in read_state(launch)["facilities"].values())
+        ),
+        30,
+        "the watcher did not start the three jobs",
+        logs,
+    )
 
     # --- the run ------------------------------------------------------------------------------------
     run_config = {
-        "run-name": RUN, "outputs.dir": str(tmp_path / "outputs"),
-        "data.path": str(data), "data.max-molecules": config["data.max-molecules"],
+        "run-name": RUN,
+        "outputs.dir": str(tmp_path / "outputs"),
+        "data.path": str(data),
+        "data.max-molecules": config["data.max-molecules"],
         "data.facilities": ",".join(FACILITIES),
-        "model.name": model, "model.gguf-file": "", "model.cache-dir": str(tmp_path / "cache"),
-        "lora.r": 4, "lora.alpha": 8,
-        "train.local-steps": 2, "train.batch-size": 2, "train.max-length": 128,
-        "strategy.name": "fedbuff", "strategy.num-versions": 2, "strategy.buffer-size": 2,
-        "eval.every": 0, "eval.loss-per-task": 2, "eval.generate-per-task": 0,
+        "model.name": model,
+        "model.gguf-file": "",
+        "model.cache-dir": str(tmp_path / "cache"),
+        "lora.r": 4,
+        "lora.alpha": 8,
+        "train.local-steps": 2,
+        "train.batch-size": 2,
+        "train.max-length": 128,
+        "strategy.name": "fedbuff",
+        "strategy.num-versions": 2,
+        "strategy.buffer-size": 2,
+        "eval.every": 0,
+        "eval.loss-per-task": 2,
+        "eval.generate-per-task": 0,
     }
     (tmp_path / "run.toml").write_text(tomli_w.dumps(run_config))
     run = processes.start(
-        [str(BIN / "flwr"), "run", str(REPO_ROOT), "chemfl-test", "--run-config", str(tmp_path / "run.toml"),
-         "--stream"], tmp_path / "run.log", cwd=tmp_path, env={**env, "FLWR_HOME": str(cli_home)},
+        [
+            str(BIN / "flwr"),
+            "run",
+            str(REPO_ROOT),
+            "chemfl-test",
+            "--run-config",
+            str(tmp_path / "run.toml"),
+            "--stream",
+        ],
+        tmp_path / "run.log",
+        cwd=tmp_path,
+        env={**env, "FLWR_HOME": str(cli_home)},
     )
     metrics = tmp_path / "outputs" / RUN / "metrics.jsonl"
     first = wait_for(lambda: updates(metrics), 150, "no update reached the server", logs)[0]
@@ -281,7 +397,8 @@ def test_REAL_deployment_survives_a_killed_facility_job(tmp_path: Path, processe
     def restarted() -> bool:
         events = [(e["facility"], e["event"], e["job_id"]) for e in read_events(launch / "launch.jsonl")]
         return (victim, "ended", job) in events and any(
-            facility == victim and event == "resubmitted" for facility, event, _ in events)
+            facility == victim and event == "resubmitted" for facility, event, _ in events
+        )
 
     wait_for(restarted, 30, f"the watcher did not resubmit {victim}'s killed job", logs)
 
@@ -290,16 +407,23 @@ def test_REAL_deployment_survives_a_killed_facility_job(tmp_path: Path, processe
     assert run.returncode == 0, logs()
     run_dir = tmp_path / "outputs" / RUN
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file(), logs()
-    versions = [json.loads(line)["version"] for line in metrics.read_text().splitlines()
-                if json.loads(line)["event"] == "version"]
+    versions = [
+        json.loads(line)["version"]
+        for line in metrics.read_text().splitlines()
+        if json.loads(line)["event"] == "version"
+    ]
     assert versions == [0, 1, 2]
     accepted = [update for update in updates(metrics) if update["accepted"]]
     assert len(accepted) == 2 * 2 and {u["facility"] for u in accepted} >= set(FACILITIES) - {victim}
 
     # --- the resubmitted job: refused while the killed SuperNode's key still counted as online, then let in
     resubmitted_log = launch / f"{victim}.sh.1.log"
-    wait_for(lambda: "SuperNode ID:" in resubmitted_log.read_text(errors="replace"), 150 - (time.monotonic() - killed_at),
-             f"{victim}'s restarted SuperNode was never let in", logs)
+    wait_for(
+        lambda: "SuperNode ID:" in resubmitted_log.read_text(errors="replace"),
+        150 - (time.monotonic() - killed_at),
+        f"{victim}'s restarted SuperNode was never let in",
+        logs,
+    )
     text = resubmitted_log.read_text(errors="replace")
     assert "refused by the SuperLink; retrying" in text, logs()
     assert text.index("code: 2004") < text.index("SuperNode ID:")
@@ -318,5 +442,7 @@ def test_REAL_deployment_survives_a_killed_facility_job(tmp_path: Path, processe
     wait_for(lambda: not any(process_alive(pid) for pid in processes.job_pids()), 30, "jobs outlived stop", logs)
     events = read_events(launch / "launch.jsonl")
     assert sorted(e["facility"] for e in events if e["event"] == "cancelled") == sorted(FACILITIES)
-    print(f"first update {first_update_after:.0f} s after submission; killed {victim}; "
-          f"whole test {time.monotonic() - started:.0f} s")
+    print(
+        f"first update {first_update_after:.0f} s after submission; killed {victim}; "
+        f"whole test {time.monotonic() - started:.0f} s"
+    )

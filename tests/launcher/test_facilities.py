@@ -72,7 +72,12 @@ def test_defaults_come_from_the_profile():
     assert facility.supernodes_per_node == polaris.gpus_per_node
     assert facility.proxy == polaris.default_proxy
     assert facility.setup == polaris.default_setup
-    assert (facility.nodes, facility.backend, facility.max_resubmits, facility.resubmit_backoff_seconds) == (1, "cli", 3, 60.0)
+    assert (facility.nodes, facility.backend, facility.max_resubmits, facility.resubmit_backoff_seconds) == (
+        1,
+        "cli",
+        3,
+        60.0,
+    )
     assert supernode_count(facility) == 4
     assert supernode_key_name("polaris", 3) == "polaris-3"
 
@@ -103,13 +108,19 @@ def test_local_needs_no_account(tmp_path):
 
 
 def test_walltime_over_the_queue_cap_names_the_cap_and_longer_queues():
-    refused(plan_table(walltime="02:00:00"), "facility polaris", "02:00:00 is over queue debug's cap of 01:00:00",
-            "preemptable", "capacity")
+    refused(
+        plan_table(walltime="02:00:00"),
+        "facility polaris",
+        "02:00:00 is over queue debug's cap of 01:00:00",
+        "preemptable",
+        "capacity",
+    )
 
 
 def test_walltime_over_every_cap():
-    refused(plan_table(walltime="200:00:00", queue="capacity"), "over queue capacity's cap of 168:00:00",
-            "no other queue")
+    refused(
+        plan_table(walltime="200:00:00", queue="capacity"), "over queue capacity's cap of 168:00:00", "no other queue"
+    )
 
 
 @pytest.mark.parametrize("walltime", ["1h", "01:60:00", "90", "1:00", ""])
@@ -118,8 +129,9 @@ def test_malformed_walltime(walltime):
 
 
 def test_more_supernodes_than_gpus():
-    refused(plan_table(supernodes_per_node=5), "facility polaris", "supernodes-per-node = 5", "4 GPU",
-            "between 1 and 4")
+    refused(
+        plan_table(supernodes_per_node=5), "facility polaris", "supernodes-per-node = 5", "4 GPU", "between 1 and 4"
+    )
 
 
 def test_aurora_counts_tiles():
@@ -158,8 +170,14 @@ def test_globus_endpoint_not_a_uuid():
 
 
 def test_globus_with_endpoint_loads():
-    facility = parse_plan(plan_table(backend="globus", globus_endpoint=ENDPOINT, globus_config={"queue": "debug"})).facilities[0]
-    assert (facility.backend, facility.globus_endpoint, facility.globus_config) == ("globus", ENDPOINT, {"queue": "debug"})
+    facility = parse_plan(
+        plan_table(backend="globus", globus_endpoint=ENDPOINT, globus_config={"queue": "debug"})
+    ).facilities[0]
+    assert (facility.backend, facility.globus_endpoint, facility.globus_config) == (
+        "globus",
+        ENDPOINT,
+        {"queue": "debug"},
+    )
 
 
 def test_insecure_towards_a_remote_superlink():
@@ -195,17 +213,29 @@ def test_superlink_address_must_be_host_and_port():
 
 def test_local_data_path_must_exist(tmp_path):
     missing = tmp_path / "no-such-shard"
-    refused(plan_table(profile="local", queue=None, data_path=str(missing)), "facility polaris", str(missing),
-            "not a folder on this machine", "chemfl data build")
+    refused(
+        plan_table(profile="local", queue=None, data_path=str(missing)),
+        "facility polaris",
+        str(missing),
+        "not a folder on this machine",
+        "chemfl data build",
+    )
 
 
 def test_remote_data_path_is_not_checked():
-    assert parse_plan(plan_table(data_path="/nowhere/on/this/machine")).facilities[0].data_path == "/nowhere/on/this/machine"
+    assert (
+        parse_plan(plan_table(data_path="/nowhere/on/this/machine")).facilities[0].data_path
+        == "/nowhere/on/this/machine"
+    )
 
 
 def test_local_with_several_nodes(tmp_path):
-    refused(plan_table(profile="local", queue=None, nodes=2, data_path=str(tmp_path)), "facility polaris",
-            "nodes = 2", "set nodes = 1")
+    refused(
+        plan_table(profile="local", queue=None, nodes=2, data_path=str(tmp_path)),
+        "facility polaris",
+        "nodes = 2",
+        "set nodes = 1",
+    )
 
 
 def test_srun_pinning_needs_slurm():

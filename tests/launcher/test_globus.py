@@ -24,9 +24,16 @@ exit 3
 
 def make_target(body: str = BODY_WITH_BRACES, facility: str = "aurora", max_resubmits: int = 1) -> JobTarget:
     return JobTarget(
-        facility=facility, scheduler="pbs", backend="globus", script=Path("unused.sh"), body=body,
-        walltime_seconds=60, max_resubmits=max_resubmits, resubmit_backoff_seconds=10.0,
-        globus_endpoint="0b2a7ba4-6f5e-4b5f-9a8e-1c2d3e4f5a6b", globus_config={"queue": "debug", "nodes": 1},
+        facility=facility,
+        scheduler="pbs",
+        backend="globus",
+        script=Path("unused.sh"),
+        body=body,
+        walltime_seconds=60,
+        max_resubmits=max_resubmits,
+        resubmit_backoff_seconds=10.0,
+        globus_endpoint="0b2a7ba4-6f5e-4b5f-9a8e-1c2d3e4f5a6b",
+        globus_config={"queue": "debug", "nodes": 1},
     )
 
 
@@ -176,8 +183,13 @@ def test_watcher_resubmits_a_task_that_exits_nonzero_then_gives_up(in_tmp):
 
     log = read_events(launch / "launch.jsonl")
     assert [(e["event"], e["attempt"]) for e in log] == [
-        ("submitted", 0), ("started", 0), ("ended", 0),
-        ("resubmitted", 1), ("started", 1), ("ended", 1), ("gave-up", 1),
+        ("submitted", 0),
+        ("started", 0),
+        ("ended", 0),
+        ("resubmitted", 1),
+        ("started", 1),
+        ("ended", 1),
+        ("gave-up", 1),
     ]
     assert [e["exit_code"] for e in log if e["event"] == "ended"] == [4, 4]
     assert queue_waits(launch / "launch.jsonl") == {}  # the endpoint's queue is out of sight

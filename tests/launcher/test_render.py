@@ -19,12 +19,16 @@ from pathlib import Path
 import pytest
 from flwr.common.config import parse_config_args
 
-from chemfl.launcher.facilities import Facility, LaunchPlan, parse_plan
 from chemfl.launcher.cli import write_launch_scripts
+from chemfl.launcher.facilities import Facility, LaunchPlan, parse_plan
 from chemfl.launcher.render import render_body, render_script, stop_margin_seconds
 
 GOLDEN = Path(__file__).with_name("golden")
-TLS_SUPERLINK = {"address": "fl.example.org:443", "root-certificates": "~/chemfl/certs/ca.crt", "keys-dir": "~/chemfl/keys"}
+TLS_SUPERLINK = {
+    "address": "fl.example.org:443",
+    "root-certificates": "~/chemfl/certs/ca.crt",
+    "keys-dir": "~/chemfl/keys",
+}
 LOCAL_SUPERLINK = {"address": "127.0.0.1:9092", "insecure": True}
 VENV = "source ~/chemfl/.venv/bin/activate"
 
@@ -32,36 +36,101 @@ VENV = "source ~/chemfl/.venv/bin/activate"
 # node (polaris, perlmutter, pbs, local), mpiexec over nodes (aurora), srun over nodes (slurm), and
 # one srun task per GCD (frontier).
 GOLDEN_FACILITIES: dict[str, dict] = {
-    "polaris": {"profile": "polaris", "account": "MyProject", "queue": "debug", "walltime": "01:00:00",
-                "setup": ["module use /soft/modulefiles", "module load conda", VENV],
-                "data-path": "/eagle/MyProject/chemfl/partitions/polaris"},
-    "aurora": {"profile": "aurora", "account": "MyProject", "queue": "capacity", "nodes": 2, "walltime": "06:00:00",
-               "setup": ["module load frameworks", VENV], "data-path": "/lus/flare/projects/MyProject/chemfl/partitions/aurora",
-               "directives": ["-m n"]},
-    "frontier": {"profile": "frontier", "account": "MyProject", "queue": "debug", "nodes": 2, "walltime": "02:00:00",
-                 "setup": ["module load PrgEnv-gnu rocm craype-accel-amd-gfx90a", VENV],
-                 "data-path": "/lustre/orion/MyProject/proj-shared/chemfl/partitions/frontier"},
-    "perlmutter": {"profile": "perlmutter", "account": "MyProject", "queue": "regular", "walltime": "04:00:00",
-                   "supernodes-per-node": 2, "setup": ["module load conda", VENV],
-                   "data-path": "$PSCRATCH/chemfl/partitions/perlmutter"},
-    "pbs": {"profile": "pbs", "account": "MyProject", "queue": "gpu", "walltime": "12:00:00", "gpus-per-node": 2,
-            "setup": [VENV], "proxy": "", "data-path": "/scratch/chemfl/partitions/pbs", "directives": ["-l mem=64gb"]},
-    "slurm": {"profile": "slurm", "account": "MyProject", "queue": "gpu", "nodes": 3, "walltime": "08:00:00",
-              "gpus-per-node": 4, "supernodes-per-node": 2, "setup": [VENV], "proxy": "http://proxy.example.org:3128",
-              "data-path": "/scratch/chemfl/partitions/slurm", "directives": ["--gres=gpu:4"]},
+    "polaris": {
+        "profile": "polaris",
+        "account": "MyProject",
+        "queue": "debug",
+        "walltime": "01:00:00",
+        "setup": ["module use /soft/modulefiles", "module load conda", VENV],
+        "data-path": "/eagle/MyProject/chemfl/partitions/polaris",
+    },
+    "aurora": {
+        "profile": "aurora",
+        "account": "MyProject",
+        "queue": "capacity",
+        "nodes": 2,
+        "walltime": "06:00:00",
+        "setup": ["module load frameworks", VENV],
+        "data-path": "/lus/flare/projects/MyProject/chemfl/partitions/aurora",
+        "directives": ["-m n"],
+    },
+    "frontier": {
+        "profile": "frontier",
+        "account": "MyProject",
+        "queue": "debug",
+        "nodes": 2,
+        "walltime": "02:00:00",
+        "setup": ["module load PrgEnv-gnu rocm craype-accel-amd-gfx90a", VENV],
+        "data-path": "/lustre/orion/MyProject/proj-shared/chemfl/partitions/frontier",
+    },
+    "perlmutter": {
+        "profile": "perlmutter",
+        "account": "MyProject",
+        "queue": "regular",
+        "walltime": "04:00:00",
+        "supernodes-per-node": 2,
+        "setup": ["module load conda", VENV],
+        "data-path": "$PSCRATCH/chemfl/partitions/perlmutter",
+    },
+    "pbs": {
+        "profile": "pbs",
+        "account": "MyProject",
+        "queue": "gpu",
+        "walltime": "12:00:00",
+        "gpus-per-node": 2,
+        "setup": [VENV],
+        "proxy": "",
+        "data-path": "/scratch/chemfl/partitions/pbs",
+        "directives": ["-l mem=64gb"],
+    },
+    "slurm": {
+        "profile": "slurm",
+        "account": "MyProject",
+        "queue": "gpu",
+        "nodes": 3,
+        "walltime": "08:00:00",
+        "gpus-per-node": 4,
+        "supernodes-per-node": 2,
+        "setup": [VENV],
+        "proxy": "http://proxy.example.org:3128",
+        "data-path": "/scratch/chemfl/partitions/slurm",
+        "directives": ["--gres=gpu:4"],
+    },
     "local": {"profile": "local", "walltime": "00:10:00", "gpus-per-node": 2, "data-path": "partitions/local"},
 }
 DIRECTIVES = {
-    "polaris": ["#PBS -A MyProject", "#PBS -q debug", "#PBS -l select=1:system=polaris", "#PBS -l walltime=01:00:00",
-                "#PBS -l filesystems=home:eagle"],
-    "aurora": ["#PBS -A MyProject", "#PBS -q capacity", "#PBS -l select=2", "#PBS -l walltime=06:00:00",
-               "#PBS -l filesystems=home:flare", "#PBS -m n"],
+    "polaris": [
+        "#PBS -A MyProject",
+        "#PBS -q debug",
+        "#PBS -l select=1:system=polaris",
+        "#PBS -l walltime=01:00:00",
+        "#PBS -l filesystems=home:eagle",
+    ],
+    "aurora": [
+        "#PBS -A MyProject",
+        "#PBS -q capacity",
+        "#PBS -l select=2",
+        "#PBS -l walltime=06:00:00",
+        "#PBS -l filesystems=home:flare",
+        "#PBS -m n",
+    ],
     "frontier": ["#SBATCH --account=MyProject", "#SBATCH --qos=debug", "#SBATCH --nodes=2", "#SBATCH --time=02:00:00"],
-    "perlmutter": ["#SBATCH --account=MyProject", "#SBATCH --qos=regular", "#SBATCH --nodes=1", "#SBATCH --time=04:00:00",
-                   "#SBATCH --constraint=gpu", "#SBATCH --gpus-per-node=4"],
+    "perlmutter": [
+        "#SBATCH --account=MyProject",
+        "#SBATCH --qos=regular",
+        "#SBATCH --nodes=1",
+        "#SBATCH --time=04:00:00",
+        "#SBATCH --constraint=gpu",
+        "#SBATCH --gpus-per-node=4",
+    ],
     "pbs": ["#PBS -A MyProject", "#PBS -q gpu", "#PBS -l select=1", "#PBS -l walltime=12:00:00", "#PBS -l mem=64gb"],
-    "slurm": ["#SBATCH --account=MyProject", "#SBATCH --partition=gpu", "#SBATCH --nodes=3", "#SBATCH --time=08:00:00",
-              "#SBATCH --gres=gpu:4"],
+    "slurm": [
+        "#SBATCH --account=MyProject",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --nodes=3",
+        "#SBATCH --time=08:00:00",
+        "#SBATCH --gres=gpu:4",
+    ],
     "local": [],
 }
 
@@ -177,8 +246,15 @@ def test_local_superlink_flags():
     assert not any(flag.startswith(("--root-certificates", "--auth-supernode-private-key")) for flag in flags)
 
 
-@pytest.mark.parametrize(("name", "pinning"), [("polaris", 'CUDA_VISIBLE_DEVICES="$gpu"'), ("perlmutter", 'CUDA_VISIBLE_DEVICES="$gpu"'),
-                                               ("aurora", 'ZE_AFFINITY_MASK="$gpu"'), ("pbs", 'CUDA_VISIBLE_DEVICES="$gpu"')])
+@pytest.mark.parametrize(
+    ("name", "pinning"),
+    [
+        ("polaris", 'CUDA_VISIBLE_DEVICES="$gpu"'),
+        ("perlmutter", 'CUDA_VISIBLE_DEVICES="$gpu"'),
+        ("aurora", 'ZE_AFFINITY_MASK="$gpu"'),
+        ("pbs", 'CUDA_VISIBLE_DEVICES="$gpu"'),
+    ],
+)
 def test_pinning_by_variable(name, pinning):
     script = render_script(plan_for(name), only(plan_for(name)))
     assert f'FLWR_HOME="$flwr_home" {pinning} timeout' in script
@@ -216,7 +292,9 @@ def test_supernodes_stop_before_the_walltime(walltime, margin):
 def test_write_scripts_writes_executable_files_atomically(tmp_path):
     facilities = {name: GOLDEN_FACILITIES[name] for name in ("polaris", "frontier", "perlmutter")}
     plan = parse_plan({"superlink": dict(TLS_SUPERLINK), "facilities": facilities})
-    written = {r.facility.name: r.script for r in write_launch_scripts(plan, list(plan.facilities), tmp_path / "scripts")}
+    written = {
+        r.facility.name: r.script for r in write_launch_scripts(plan, list(plan.facilities), tmp_path / "scripts")
+    }
     assert list(written) == ["polaris", "frontier", "perlmutter"]
     for facility in plan.facilities:
         path = written[facility.name]
@@ -286,9 +364,17 @@ def run_with_stand_ins(script: str, tmp_path: Path, **environment: str) -> tuple
     (home / "chemfl" / ".venv" / "bin").mkdir(parents=True)
     (home / "chemfl" / ".venv" / "bin" / "activate").write_text("export SITE_SETUP_RAN=1\n")
     (tmp_path / "job.sh").write_text(script)
-    environment = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(home), "TMPDIR": str(tmp_path / "tmp"),
-                   "RECORDS": str(records), "PSCRATCH": "/pscratch/u", **environment}
-    done = subprocess.run(["bash", str(tmp_path / "job.sh")], env=environment, capture_output=True, text=True, timeout=60)
+    environment = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "HOME": str(home),
+        "TMPDIR": str(tmp_path / "tmp"),
+        "RECORDS": str(records),
+        "PSCRATCH": "/pscratch/u",
+        **environment,
+    }
+    done = subprocess.run(
+        ["bash", str(tmp_path / "job.sh")], env=environment, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     return [json.loads(path.read_text()) for path in records.iterdir()], done.stderr
 

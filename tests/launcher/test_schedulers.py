@@ -196,7 +196,7 @@ def test_local_job_runs_in_its_own_group_and_cancel_kills_it(tmp_path):
 
     local.cancel(job_id)
 
-    wait_until(lambda: local.state(job_id) == "ended")
+    wait_until(lambda job_id=job_id: local.state(job_id) == "ended")
     assert local.exit_code(job_id) == -15
     assert (tmp_path / "laptop.sh.0.log").read_text() == f"started in {tmp_path}\n"
     assert LocalScheduler().state(job_id) == "ended"
@@ -209,7 +209,7 @@ def test_local_job_exit_code_and_one_log_per_submission(tmp_path):
     first, second = local.submit(script), local.submit(script)
 
     for job_id in (first, second):
-        wait_until(lambda: local.state(job_id) == "ended")
+        wait_until(lambda job_id=job_id: local.state(job_id) == "ended")
         assert local.exit_code(job_id) == 3
     assert sorted(path.name for path in tmp_path.glob("*.log")) == ["fails.sh.0.log", "fails.sh.1.log"]
     assert not process_alive(local_pid(first))

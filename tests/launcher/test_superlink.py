@@ -51,9 +51,7 @@ def _free_port(host: str = "127.0.0.1") -> int:
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> CertificatePaths:
-    return make_certificates(
-        tmp_path_factory.mktemp("certs"), ["superlink.example.org", "10.1.2.3"]
-    )
+    return make_certificates(tmp_path_factory.mktemp("certs"), ["superlink.example.org", "10.1.2.3"])
 
 
 # --------------------------------------------------------------------------- certificates
@@ -72,12 +70,13 @@ def test_server_certificate_chains_to_the_ca_and_names_every_host(certs: Certifi
     }
     assert _mode(certs.ca_key) == 0o600 and _mode(certs.server_key) == 0o600
     assert sorted(p.name for p in certs.ca_cert.parent.iterdir()) == [
-        "ca.crt", "ca.key", "server.crt", "server.key",
+        "ca.crt",
+        "ca.key",
+        "server.crt",
+        "server.key",
     ]  # no temp files left behind
     # Python's own TLS stack accepts the pair (what uvicorn loads in flower-superlink).
-    ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
-        certs.server_cert, certs.server_key
-    )
+    ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certs.server_cert, certs.server_key)
 
 
 def test_existing_ca_is_kept_and_signs_the_new_server_certificate(tmp_path: Path):
@@ -124,9 +123,7 @@ def test_supernode_keys_load_with_flwrs_loaders_and_survive_a_rerun(tmp_path: Pa
         assert pair.private_key.name in {"polaris-0", "aurora-0"}
         assert pair.public_key == pair.private_key.with_name(pair.private_key.name + ".pub")
         assert _mode(pair.private_key) == 0o600
-        args = argparse.Namespace(
-            auth_supernode_private_key=str(pair.private_key), auth_supernode_public_key=None
-        )
+        args = argparse.Namespace(auth_supernode_private_key=str(pair.private_key), auth_supernode_public_key=None)
         private, public = _try_setup_client_authentication(args)  # what flower-supernode runs
         assert isinstance(private.curve, ec.SECP384R1)
         # flwr supernode register sends this PEM; it must be the private key's public half.
@@ -163,8 +160,14 @@ def test_superlink_command_parses_with_flwrs_own_parser(certs: CertificatePaths,
 
     command = superlink_command(certificates=certs, database=tmp_path / "state.db", port=443)
     assert command[0] == "flower-superlink"
-    for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth",
-                 "--database", "--disable-runtime-dependency-installation"):
+    for flag in (
+        "--ssl-ca-certfile",
+        "--ssl-certfile",
+        "--ssl-keyfile",
+        "--enable-supernode-auth",
+        "--database",
+        "--disable-runtime-dependency-installation",
+    ):
         assert flag in command
     assert "--insecure" not in command
     args = _parse_args_run_superlink().parse_args(command[1:])
@@ -193,8 +196,7 @@ def test_insecure_only_on_localhost(certs: CertificatePaths, tmp_path: Path):
     assert "--insecure" in local and "--enable-supernode-auth" not in local
     assert not any(flag.startswith("--ssl") for flag in local)
     with pytest.raises(ChemFLError, match="needs TLS"):
-        superlink_command(certificates=None, database=db, host="127.0.0.1", insecure=True,
-                          enable_supernode_auth=True)
+        superlink_command(certificates=None, database=db, host="127.0.0.1", insecure=True, enable_supernode_auth=True)
     with pytest.raises(ChemFLError, match="needs TLS certificates"):
         superlink_command(certificates=None, database=db)
     with pytest.raises(ChemFLError, match="not a TCP port"):
@@ -207,13 +209,20 @@ def test_register_commands_match_flwr_supernode_register(tmp_path: Path):
 
     commands = register_commands([tmp_path / "polaris-0.pub", tmp_path / "aurora-0.pub"], "chemfl")
     assert commands[0] == [
-        "flwr", "supernode", "register", str(tmp_path / "polaris-0.pub"), "chemfl",
-        "--name", "polaris-0",
+        "flwr",
+        "supernode",
+        "register",
+        str(tmp_path / "polaris-0.pub"),
+        "chemfl",
+        "--name",
+        "polaris-0",
     ]
     register = typer.main.get_command(app).commands["supernode"].commands["register"]
     params = register.make_context("register", commands[1][3:]).params
     assert (str(params["public_key"]), params["superlink"], params["name"]) == (
-        str(tmp_path / "aurora-0.pub"), "chemfl", "aurora-0",
+        str(tmp_path / "aurora-0.pub"),
+        "chemfl",
+        "aurora-0",
     )
     with pytest.raises(ChemFLError, match="connection name"):
         register_commands([tmp_path / "a.pub"], "bad name")
@@ -255,7 +264,7 @@ def test_write_connection_keeps_other_entries_and_flwr_reads_it(
     (home / "config.toml").write_text(
         '[superlink]\ndefault = "mine"\n\n[superlink.mine]\naddress = "other.org:9093"\n'
         'insecure = false\n\n[superlink.local]\naddress = ":local:"\n'
-        '[superlink.local.options]\nnum-supernodes = 4\n'
+        "[superlink.local.options]\nnum-supernodes = 4\n"
     )
     write_connection(home, "chemfl", "superlink.example.org:443", certs.ca_cert, False)
     write_connection(home, "chemfl", "superlink.example.org:8000", certs.ca_cert, False)  # replace
@@ -436,15 +445,18 @@ def test_REAL_flower_superlink_starts_with_tls_and_auth_and_registers_keys(tmp_p
     keys = make_supernode_keys(tmp_path / "keys", ["node-0"])
     port = _free_port()
     command = superlink_command(
-        certificates=certs, database=tmp_path / "state.db", host="127.0.0.1", port=port,
+        certificates=certs,
+        database=tmp_path / "state.db",
+        host="127.0.0.1",
+        port=port,
         executable=_flwr_binary("flower-superlink"),
     )
     bin_dir = str(Path(_flwr_binary("flower-superlink")).parent)
-    env = dict(os.environ, FLWR_HOME=str(tmp_path / "superlink-home"),
-               PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
+    env = dict(
+        os.environ, FLWR_HOME=str(tmp_path / "superlink-home"), PATH=bin_dir + os.pathsep + os.environ.get("PATH", "")
+    )
     log = (tmp_path / "superlink.log").open("w")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                               start_new_session=True)
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 15
         while True:

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -52,14 +51,28 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-def make_target(launch_dir: Path, facility: str, scheduler: str, *, body: str = "echo supernodes\n",
-                walltime_seconds: int = 3600, max_resubmits: int = 2, backoff: float = 60.0) -> JobTarget:
+def make_target(
+    launch_dir: Path,
+    facility: str,
+    scheduler: str,
+    *,
+    body: str = "echo supernodes\n",
+    walltime_seconds: int = 3600,
+    max_resubmits: int = 2,
+    backoff: float = 60.0,
+) -> JobTarget:
     launch_dir.mkdir(parents=True, exist_ok=True)
     script = launch_dir / f"{facility}.sh"
     script.write_text("#!/bin/bash\n" + body)
     return JobTarget(
-        facility=facility, scheduler=scheduler, backend="cli", script=script, body=body,
-        walltime_seconds=walltime_seconds, max_resubmits=max_resubmits, resubmit_backoff_seconds=backoff,
+        facility=facility,
+        scheduler=scheduler,
+        backend="cli",
+        script=script,
+        body=body,
+        walltime_seconds=walltime_seconds,
+        max_resubmits=max_resubmits,
+        resubmit_backoff_seconds=backoff,
     )
 
 
@@ -110,9 +123,14 @@ def test_resubmits_with_doubling_backoff_then_gives_up(fake, clock, tmp_path):
     watcher.poll_once()
 
     assert summary(launch) == [
-        ("submitted", first, 0), ("started", first, 0), ("ended", first, 0),
-        ("resubmitted", second, 1), ("ended", second, 1),
-        ("resubmitted", third, 2), ("ended", third, 2), ("gave-up", third, 2),
+        ("submitted", first, 0),
+        ("started", first, 0),
+        ("ended", first, 0),
+        ("resubmitted", second, 1),
+        ("ended", second, 1),
+        ("resubmitted", third, 2),
+        ("ended", third, 2),
+        ("gave-up", third, 2),
     ]
     log = events(launch)
     assert [e["time"] - 1000 for e in log] == [0, 100, 110, 170, 175, 295, 295, 295]
@@ -123,10 +141,18 @@ def test_resubmits_with_doubling_backoff_then_gives_up(fake, clock, tmp_path):
     assert log[5]["delay_seconds"] == 120
     assert log[6]["resubmit_at"] is None
     assert all(set(e) >= {"time", "event", "facility", "backend", "job_id", "attempt"} for e in log)
-    assert status(launch) == [{
-        "facility": "polaris", "backend": "pbs", "job_id": third, "state": "gave-up", "attempts": 3,
-        "resubmit_at": None, "last_event": "gave-up", "last_event_time": 1295,
-    }]
+    assert status(launch) == [
+        {
+            "facility": "polaris",
+            "backend": "pbs",
+            "job_id": third,
+            "state": "gave-up",
+            "attempts": 3,
+            "resubmit_at": None,
+            "last_event": "gave-up",
+            "last_event_time": 1295,
+        }
+    ]
 
 
 def test_a_job_that_used_half_its_walltime_resets_the_backoff(fake, clock, tmp_path):
@@ -173,8 +199,11 @@ def test_pbs_and_slurm_side_by_side_and_their_queue_waits(fake, clock, tmp_path)
     watcher.poll_once()
 
     assert summary(launch, "perlmutter") == [
-        ("submitted", "1002", 0), ("started", "1002", 0), ("ended", "1002", 0),
-        ("resubmitted", "1003", 1), ("started", "1003", 1),
+        ("submitted", "1002", 0),
+        ("started", "1002", 0),
+        ("ended", "1002", 0),
+        ("resubmitted", "1003", 1),
+        ("started", "1003", 1),
     ]
     assert summary(launch, "polaris") == [("submitted", "1001.fake-pbs-01", 0), ("started", "1001.fake-pbs-01", 0)]
     assert queue_waits(launch / "launch.jsonl") == {"polaris": [75], "perlmutter": [30, 200]}
@@ -240,12 +269,14 @@ def test_status_and_stop_from_a_second_call(fake, clock, tmp_path):
     watcher.poll_once()
 
     assert [(r["facility"], r["job_id"], r["state"]) for r in status(launch)] == [
-        ("polaris", "1001.fake-pbs-01", "running"), ("perlmutter", "1002", "queued"),
+        ("polaris", "1001.fake-pbs-01", "running"),
+        ("perlmutter", "1002", "queued"),
     ]
     cancelled = stop(launch, clock=clock, sleep=clock.sleep)
 
     assert [(e["facility"], e["job_id"]) for e in cancelled] == [
-        ("polaris", "1001.fake-pbs-01"), ("perlmutter", "1002"),
+        ("polaris", "1001.fake-pbs-01"),
+        ("perlmutter", "1002"),
     ]
     assert fake.commands()[-2:] == ["qdel 1001.fake-pbs-01", "scancel 1002"]
     assert summary(launch)[-2:] == [("cancelled", "1001.fake-pbs-01", 0), ("cancelled", "1002", 0)]
@@ -272,7 +303,9 @@ def test_run_naps_until_the_resubmission_is_due_and_stops_when_told(fake, clock,
 
     log = events(launch)
     assert summary(launch)[:3] == [
-        ("submitted", "1001.fake-pbs-01", 0), ("ended", "1001.fake-pbs-01", 0), ("resubmitted", "1002.fake-pbs-01", 1),
+        ("submitted", "1001.fake-pbs-01", 0),
+        ("ended", "1001.fake-pbs-01", 0),
+        ("resubmitted", "1002.fake-pbs-01", 1),
     ]
     assert log[2]["time"] - log[1]["time"] == 7  # woke for the resubmission, not at the next 30 s poll
     assert max(clock.naps) <= 1.0  # naps in short slices to notice a stop file
@@ -288,7 +321,9 @@ def test_run_returns_once_every_facility_gave_up(fake, clock, tmp_path):
     watcher.run()
 
     assert summary(launch) == [
-        ("submitted", "1001.fake-pbs-01", 0), ("ended", "1001.fake-pbs-01", 0), ("gave-up", "1001.fake-pbs-01", 0),
+        ("submitted", "1001.fake-pbs-01", 0),
+        ("ended", "1001.fake-pbs-01", 0),
+        ("gave-up", "1001.fake-pbs-01", 0),
     ]
 
 
@@ -334,7 +369,8 @@ def test_stop_ends_a_watcher_running_in_another_process(tmp_path):
     launch = tmp_path / "launch"
     make_target(launch, "laptop", "local", body="exec sleep 30\n")
     watcher = subprocess.Popen(
-        [sys.executable, "-c", WATCHER_PROGRAM, str(launch)], cwd=REPO_ROOT,
+        [sys.executable, "-c", WATCHER_PROGRAM, str(launch)],
+        cwd=REPO_ROOT,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )
     try:
@@ -362,10 +398,25 @@ def test_queue_waits_on_a_written_trace(tmp_path):
         {"time": 2.0, "event": "submitted", "facility": "aurora", "backend": "globus", "job_id": "g-0", "attempt": 0},
         {"time": 2.0, "event": "started", "facility": "aurora", "backend": "globus", "job_id": "g-0", "attempt": 0},
         {"time": 40.0, "event": "started", "facility": "polaris", "backend": "pbs", "job_id": "1.p", "attempt": 0},
-        {"time": 50.0, "event": "ended", "facility": "frontier", "backend": "slurm", "job_id": "7", "attempt": 0,
-         "ran_seconds": None, "resubmit_at": 60.0},
-        {"time": 60.0, "event": "resubmitted", "facility": "frontier", "backend": "slurm", "job_id": "8",
-         "attempt": 1, "delay_seconds": 10.0},
+        {
+            "time": 50.0,
+            "event": "ended",
+            "facility": "frontier",
+            "backend": "slurm",
+            "job_id": "7",
+            "attempt": 0,
+            "ran_seconds": None,
+            "resubmit_at": 60.0,
+        },
+        {
+            "time": 60.0,
+            "event": "resubmitted",
+            "facility": "frontier",
+            "backend": "slurm",
+            "job_id": "8",
+            "attempt": 1,
+            "delay_seconds": 10.0,
+        },
         {"time": 95.5, "event": "started", "facility": "frontier", "backend": "slurm", "job_id": "8", "attempt": 1},
     ]
     trace.write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"time": 99.0, "event": "sta')

@@ -33,8 +33,14 @@ def test_local_training_lowers_loss_on_a_fixed_batch(tiny_config):
     examples, _ = tokenize_examples(session.tokenizer, RECORDS, 96)
     batch = collate(examples, session.tokenizer.pad_token_id)
     before = batch_loss(session.model, batch)
-    result = train_local(session.model, examples, TrainSpec.from_config(config), session.tokenizer.pad_token_id,
-                         seed=0, accelerator=session.accelerator)
+    result = train_local(
+        session.model,
+        examples,
+        TrainSpec.from_config(config),
+        session.tokenizer.pad_token_id,
+        seed=0,
+        accelerator=session.accelerator,
+    )
     after = batch_loss(session.model, batch)
     assert after < before
     assert result.steps == 5 and result.tokens > 0 and result.tokens_per_second > 0
@@ -109,7 +115,9 @@ def test_four_bit_qlora_path_trains_on_cpu(tiny_config):
     from accelerate import Accelerator
 
     lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
-    result = train_local(model, examples, TrainSpec.from_config(config), tokenizer.pad_token_id, 0, Accelerator(cpu=True))
+    result = train_local(
+        model, examples, TrainSpec.from_config(config), tokenizer.pad_token_id, 0, Accelerator(cpu=True)
+    )
     assert result.steps == 2
     assert any(not torch.equal(p, lora_before[n]) for n, p in model.named_parameters() if n in lora_before)
 

@@ -42,17 +42,37 @@ def job(facility: str, number: int, state: str, time: float, nodes: int) -> dict
     return {"event": "job", "facility": facility, "job": number, "state": state, "time": time, "nodes": nodes}
 
 
-def update(facility: str, dispatch: float, arrival: float, staleness: int, accepted: bool = True,
-           reason: str = "") -> dict:
-    return {"event": "update", "node": NODE_IDS[facility], "facility": facility, "version_sent": 0,
-            "version": staleness, "staleness": staleness, "weight": 1.0 if accepted else 0.0, "accepted": accepted,
-            "reason": reason, "dispatch_time": dispatch, "arrival_time": arrival, "train_loss": 1.0,
-            "train_seconds": arrival - dispatch, "steps": 8}
+def update(
+    facility: str, dispatch: float, arrival: float, staleness: int, accepted: bool = True, reason: str = ""
+) -> dict:
+    return {
+        "event": "update",
+        "node": NODE_IDS[facility],
+        "facility": facility,
+        "version_sent": 0,
+        "version": staleness,
+        "staleness": staleness,
+        "weight": 1.0 if accepted else 0.0,
+        "accepted": accepted,
+        "reason": reason,
+        "dispatch_time": dispatch,
+        "arrival_time": arrival,
+        "train_loss": 1.0,
+        "train_seconds": arrival - dispatch,
+        "steps": 8,
+    }
 
 
 def lost(facility: str, dispatch: float, time: float, reason: str) -> dict:
-    return {"event": "lost", "node": NODE_IDS[facility], "facility": facility, "version_sent": 0, "reason": reason,
-            "dispatch_time": dispatch, "time": time}
+    return {
+        "event": "lost",
+        "node": NODE_IDS[facility],
+        "facility": facility,
+        "version_sent": 0,
+        "reason": reason,
+        "dispatch_time": dispatch,
+        "time": time,
+    }
 
 
 def version(number: int, time: float, loss: float | None = None) -> dict:
@@ -64,36 +84,67 @@ def version(number: int, time: float, loss: float | None = None) -> dict:
 
 @pytest.fixture
 def fedbuff_campaign(tmp_path: Path) -> Path:
-    return write_run(tmp_path / "campaign-fedbuff", [
-        {"event": "run", "strategy": "fedbuff", "campaign": "two-facilities", "seed": 0, "virtual_time": True,
-         "facilities": {"polaris": {"nodes": 2, "supernodes": 1}, "aurora": {"nodes": 1, "supernodes": 2}}},
-        job("polaris", 1, "queued", 0, 2), job("aurora", 1, "queued", 0, 1),
-        job("polaris", 1, "running", 600, 2), job("aurora", 1, "running", 1800, 1),
-        update("polaris", 600, 2400, 0), version(1, 2400, 2.0),
-        job("polaris", 2, "queued", 3000, 2),
-        update("aurora", 1800, 3600, 1), version(2, 3600),
-        lost("polaris", 2400, 4200, "walltime end of job 1"), job("polaris", 1, "ended", 4200, 2),
-        job("polaris", 2, "running", 4200, 2),
-        update("aurora", 3600, 4320, 0, accepted=False, reason="rejected: lora_B: non-finite values"),
-        update("aurora", 1800, 4680, 4, accepted=False, reason="stale"),
-        job("aurora", 2, "queued", 5000, 1),
-        update("polaris", 4200, 5100, 2), version(3, 5100, 0.9),
-        {"event": "evaluation", "version": 3, "loss": 0.9},  # an event kind the report does not know
-        job("aurora", 1, "ended", 5400, 1), job("polaris", 2, "ended", 6300, 2), job("aurora", 2, "ended", 6300, 1),
-    ], config={"strategy.name": "ignored: the run line wins", "run-name": "campaign-fedbuff"})
+    return write_run(
+        tmp_path / "campaign-fedbuff",
+        [
+            {
+                "event": "run",
+                "strategy": "fedbuff",
+                "campaign": "two-facilities",
+                "seed": 0,
+                "virtual_time": True,
+                "facilities": {"polaris": {"nodes": 2, "supernodes": 1}, "aurora": {"nodes": 1, "supernodes": 2}},
+            },
+            job("polaris", 1, "queued", 0, 2),
+            job("aurora", 1, "queued", 0, 1),
+            job("polaris", 1, "running", 600, 2),
+            job("aurora", 1, "running", 1800, 1),
+            update("polaris", 600, 2400, 0),
+            version(1, 2400, 2.0),
+            job("polaris", 2, "queued", 3000, 2),
+            update("aurora", 1800, 3600, 1),
+            version(2, 3600),
+            lost("polaris", 2400, 4200, "walltime end of job 1"),
+            job("polaris", 1, "ended", 4200, 2),
+            job("polaris", 2, "running", 4200, 2),
+            update("aurora", 3600, 4320, 0, accepted=False, reason="rejected: lora_B: non-finite values"),
+            update("aurora", 1800, 4680, 4, accepted=False, reason="stale"),
+            job("aurora", 2, "queued", 5000, 1),
+            update("polaris", 4200, 5100, 2),
+            version(3, 5100, 0.9),
+            {"event": "evaluation", "version": 3, "loss": 0.9},  # an event kind the report does not know
+            job("aurora", 1, "ended", 5400, 1),
+            job("polaris", 2, "ended", 6300, 2),
+            job("aurora", 2, "ended", 6300, 1),
+        ],
+        config={"strategy.name": "ignored: the run line wins", "run-name": "campaign-fedbuff"},
+    )
 
 
 @pytest.fixture
 def fedavg_campaign(tmp_path: Path) -> Path:
-    return write_run(tmp_path / "campaign-fedavg", [
-        {"event": "run", "strategy": "fedavg", "campaign": "two-facilities", "seed": 0, "virtual_time": True,
-         "facilities": {"frontier": {"nodes": 1, "supernodes": 1}}},
-        job("frontier", 1, "queued", 0, 1), job("frontier", 1, "running", 0, 1),
-        update("frontier", 0, 3600, 0), version(1, 3600, 1.5),
-        job("frontier", 2, "queued", 7000, 1),
-        lost("frontier", 3600, 7200, "walltime end of job 1"), job("frontier", 1, "ended", 7200, 1),
-        job("frontier", 2, "running", 7200, 1), job("frontier", 2, "ended", 9000, 1),
-    ])
+    return write_run(
+        tmp_path / "campaign-fedavg",
+        [
+            {
+                "event": "run",
+                "strategy": "fedavg",
+                "campaign": "two-facilities",
+                "seed": 0,
+                "virtual_time": True,
+                "facilities": {"frontier": {"nodes": 1, "supernodes": 1}},
+            },
+            job("frontier", 1, "queued", 0, 1),
+            job("frontier", 1, "running", 0, 1),
+            update("frontier", 0, 3600, 0),
+            version(1, 3600, 1.5),
+            job("frontier", 2, "queued", 7000, 1),
+            lost("frontier", 3600, 7200, "walltime end of job 1"),
+            job("frontier", 1, "ended", 7200, 1),
+            job("frontier", 2, "running", 7200, 1),
+            job("frontier", 2, "ended", 9000, 1),
+        ],
+    )
 
 
 def bench_fedavg_lines() -> list[dict]:
@@ -101,19 +152,32 @@ def bench_fedavg_lines() -> list[dict]:
     everyone = ["aurora", "polaris"]
     rounds = [{"event": "round", "round": 0, "wall_time": 12.6, "eval": {"loss": 2.78, "n_loss": 48, "tasks": {}}}]
     for number, (time, loss) in enumerate([(341.9, 1.23), (611.1, 0.93), (851.4, 0.83)], start=1):
-        rounds.append({"bytes_received": 78469360, "bytes_sent": 78469360, "event": "round", "round": number,
-                       "eval": {"loss": loss, "n_loss": 48, "overall": {}, "seconds": 9.4, "tasks": {}},
-                       "facilities": everyone, "failed_replies": 0, "node_train_seconds": 270.7,
-                       "round_seconds": 259.6, "server_seconds": 0.15, "wall_time": time,
-                       "train": {"seconds": 67.7, "steps": 8.0, "train-loss": 1.2}})
+        rounds.append(
+            {
+                "bytes_received": 78469360,
+                "bytes_sent": 78469360,
+                "event": "round",
+                "round": number,
+                "eval": {"loss": loss, "n_loss": 48, "overall": {}, "seconds": 9.4, "tasks": {}},
+                "facilities": everyone,
+                "failed_replies": 0,
+                "node_train_seconds": 270.7,
+                "round_seconds": 259.6,
+                "server_seconds": 0.15,
+                "wall_time": time,
+                "train": {"seconds": 67.7, "steps": 8.0, "train-loss": 1.2},
+            }
+        )
     return rounds
 
 
 @pytest.fixture
 def plain_fedavg(tmp_path: Path) -> Path:
-    return write_run(tmp_path / "bench-fedavg", bench_fedavg_lines(),
-                     config={"strategy.name": "fedavg", "run-name": "bench-fedavg",
-                             "data.facilities": "polaris,aurora,frontier"})
+    return write_run(
+        tmp_path / "bench-fedavg",
+        bench_fedavg_lines(),
+        config={"strategy.name": "fedavg", "run-name": "bench-fedavg", "data.facilities": "polaris,aurora,frontier"},
+    )
 
 
 def make_report(runs: list[Path], out: Path, *flags: str) -> int:
@@ -138,6 +202,7 @@ def assert_figure(path: Path) -> None:
 
 # --- numbers ------------------------------------------------------------------------------------
 
+
 def test_node_hours_busy_idle_lost_and_wasted_share_per_facility(fedbuff_campaign):
     summary = summarize(read_run(fedbuff_campaign), target=None)
     hours = {facility.facility: facility.node_hours for facility in summary.facilities}
@@ -155,10 +220,18 @@ def test_node_hours_busy_idle_lost_and_wasted_share_per_facility(fedbuff_campaig
 def test_tallies_and_mean_staleness_over_every_arrival(fedbuff_campaign):
     summary = summarize(read_run(fedbuff_campaign), target=None)
     tallies = {facility.facility: facility.tally for facility in summary.facilities}
-    assert (tallies["polaris"].accepted, tallies["polaris"].rejected, tallies["polaris"].stale,
-            tallies["polaris"].lost) == (2, 0, 0, 1)
-    assert (tallies["aurora"].accepted, tallies["aurora"].rejected, tallies["aurora"].stale,
-            tallies["aurora"].lost) == (1, 1, 1, 0)
+    assert (
+        tallies["polaris"].accepted,
+        tallies["polaris"].rejected,
+        tallies["polaris"].stale,
+        tallies["polaris"].lost,
+    ) == (2, 0, 0, 1)
+    assert (
+        tallies["aurora"].accepted,
+        tallies["aurora"].rejected,
+        tallies["aurora"].stale,
+        tallies["aurora"].lost,
+    ) == (1, 1, 1, 0)
     assert tallies["polaris"].mean_staleness == 1.0  # (0 + 2) / 2
     assert tallies["aurora"].mean_staleness == pytest.approx(5 / 3)  # (1 + 0 + 4) / 3, refused ones included
     assert summary.total.tally.mean_staleness == pytest.approx(1.4)
@@ -177,31 +250,45 @@ def test_final_loss_and_time_to_target(fedbuff_campaign, fedavg_campaign):
 def test_work_lost_at_a_walltime_end_and_jobs_after_it(fedavg_campaign):
     summary = summarize(read_run(fedavg_campaign), target=None)
     [frontier] = summary.facilities
-    assert (frontier.node_hours.spent, frontier.node_hours.busy, frontier.node_hours.lost,
-            frontier.node_hours.idle) == pytest.approx((2.5, 1.0, 1.0, 0.5), abs=1e-12)
+    assert (
+        frontier.node_hours.spent,
+        frontier.node_hours.busy,
+        frontier.node_hours.lost,
+        frontier.node_hours.idle,
+    ) == pytest.approx((2.5, 1.0, 1.0, 0.5), abs=1e-12)
     assert frontier.node_hours.wasted_share == pytest.approx(0.6)
     assert (frontier.tally.accepted, frontier.tally.lost) == (1, 1)
 
 
 def test_a_job_left_open_by_the_log_runs_until_the_last_logged_time(tmp_path):
     """...and a facility the run line does not describe has one SuperNode per job (all 4 nodes busy)."""
-    folder = write_run(tmp_path / "cut-short", [
-        {"event": "run", "strategy": "fedbuff", "virtual_time": True},
-        job("polaris", 1, "queued", 0, 4), job("polaris", 1, "running", 1800, 4),
-        update("polaris", 1800, 5400, 0), version(1, 5400, 1.0),
-    ])
+    folder = write_run(
+        tmp_path / "cut-short",
+        [
+            {"event": "run", "strategy": "fedbuff", "virtual_time": True},
+            job("polaris", 1, "queued", 0, 4),
+            job("polaris", 1, "running", 1800, 4),
+            update("polaris", 1800, 5400, 0),
+            version(1, 5400, 1.0),
+        ],
+    )
     [polaris] = summarize(read_run(folder), target=None).facilities
     assert (polaris.node_hours.spent, polaris.node_hours.busy) == pytest.approx((4.0, 4.0))
 
 
 def test_work_lost_before_a_node_first_replied_goes_to_the_facility_its_updates_name(tmp_path):
     never_named = {**lost("aurora", 0, 600, "walltime: job ended"), "node": 99, "facility": None}
-    folder = write_run(tmp_path / "first-task-lost", [
-        {"event": "run", "strategy": "fedbuff", "virtual_time": True, "facilities": {"polaris": {}}},
-        job("polaris", 1, "running", 0, 1),
-        {**lost("polaris", 0, 900, "walltime: polaris's batch job ended"), "facility": None}, never_named,
-        update("polaris", 900, 1800, 0), job("polaris", 1, "ended", 1800, 1),
-    ])
+    folder = write_run(
+        tmp_path / "first-task-lost",
+        [
+            {"event": "run", "strategy": "fedbuff", "virtual_time": True, "facilities": {"polaris": {}}},
+            job("polaris", 1, "running", 0, 1),
+            {**lost("polaris", 0, 900, "walltime: polaris's batch job ended"), "facility": None},
+            never_named,
+            update("polaris", 900, 1800, 0),
+            job("polaris", 1, "ended", 1800, 1),
+        ],
+    )
     summary = summarize(read_run(folder), target=None)
     tallies = {facility.facility: facility.tally for facility in summary.facilities}
     assert {name: (t.lost, t.lost_at_walltime) for name, t in tallies.items()} == {"polaris": (1, 1), "unknown": (1, 1)}
@@ -210,8 +297,9 @@ def test_work_lost_before_a_node_first_replied_goes_to_the_facility_its_updates_
 
 
 def test_labels_and_styles_keep_runs_of_one_strategy_apart(fedbuff_campaign, fedavg_campaign, tmp_path):
-    other = write_run(tmp_path / "elsewhere" / "campaign-fedbuff", [version(1, 10.0, 1.0)],
-                      config={"strategy.name": "fedbuff"})
+    other = write_run(
+        tmp_path / "elsewhere" / "campaign-fedbuff", [version(1, 10.0, 1.0)], config={"strategy.name": "fedbuff"}
+    )
     runs = read_runs([fedbuff_campaign, fedavg_campaign, other])
     assert run_labels(runs[:2]) == ["fedbuff", "fedavg"]
     assert run_labels(runs) == [f"fedbuff ({fedbuff_campaign})", "fedavg", f"fedbuff ({other})"]
@@ -221,6 +309,7 @@ def test_labels_and_styles_keep_runs_of_one_strategy_apart(fedbuff_campaign, fed
 
 
 # --- the report folder ------------------------------------------------------------------------------
+
 
 def test_report_writes_figures_and_summary_rows(fedbuff_campaign, fedavg_campaign, tmp_path, capsys):
     out = tmp_path / "reports" / "campaign"
@@ -292,6 +381,7 @@ def test_an_existing_report_is_replaced_only_with_force(fedavg_campaign, tmp_pat
 
 # --- errors ---------------------------------------------------------------------------------------
 
+
 def test_a_folder_without_metrics_is_named(tmp_path):
     (tmp_path / "half-run").mkdir()
     with pytest.raises(ChemFLError, match=r"half-run has no metrics\.jsonl"):
@@ -317,11 +407,12 @@ def test_no_runs_is_an_error(tmp_path):
 def test_malformed_lines_and_unknown_strategies_are_errors(tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "metrics.jsonl").write_text(json.dumps(version(1, 1.0)) + "\n{\"event\": \"upd")
+    (broken / "metrics.jsonl").write_text(json.dumps(version(1, 1.0)) + '\n{"event": "upd')
     with pytest.raises(ChemFLError, match="line 2 is not JSON"):
         read_run(broken)
-    missing_key = write_run(tmp_path / "missing-key", [{"event": "update", "facility": "polaris"}],
-                            config={"strategy.name": "fedbuff"})
+    missing_key = write_run(
+        tmp_path / "missing-key", [{"event": "update", "facility": "polaris"}], config={"strategy.name": "fedbuff"}
+    )
     with pytest.raises(ChemFLError, match="line 1: malformed 'update' line"):
         read_run(missing_key)
     nameless = write_run(tmp_path / "nameless", [version(1, 1.0, 1.0)])

@@ -15,7 +15,9 @@ from chemfl.server_app.async_loop import to_record
 
 def fake_training(params: dict, node_id: int, task_id: int) -> dict:
     """Deterministic 'training': pull every tensor towards a node-specific target."""
-    return {name: (0.5 * value + 0.5 * (node_id + 0.01 * task_id)).astype(value.dtype) for name, value in params.items()}
+    return {
+        name: (0.5 * value + 0.5 * (node_id + 0.01 * task_id)).astype(value.dtype) for name, value in params.items()
+    }
 
 
 @dataclass
@@ -87,8 +89,11 @@ class FakeGrid:
         kind = self.reply_kinds.get(node, []).pop(0) if self.reply_kinds.get(node) else "ok"
         metadata = SimpleNamespace(src_node_id=node, reply_to_message_id=message_id)
         if kind == "error":
-            return SimpleNamespace(metadata=metadata, has_error=lambda: True,
-                                   error=SimpleNamespace(code=2, reason="ClientApp raised an exception"))
+            return SimpleNamespace(
+                metadata=metadata,
+                has_error=lambda: True,
+                error=SimpleNamespace(code=2, reason="ClientApp raised an exception"),
+            )
         sent = {k: v.numpy() for k, v in message.content["arrays"].items()}
         trained = fake_training(sent, node, int(message.content["config"]["task-id"]))
         if kind == "nan":
@@ -104,10 +109,19 @@ class FakeGrid:
             trained = {k: v.astype(np.float64) for k, v in trained.items()}
         elif kind == "big":
             trained = {k: v + 1e6 for k, v in trained.items()}
-        content = RecordDict({
-            "arrays": to_record(trained),
-            "metrics": MetricRecord({"num-examples": 10, "train-loss": 1.0, "steps": 1, "seconds": self.durations[node],
-                                     "tokens-per-second": 1.0}),
-            "node": ConfigRecord({"facility": f"site{node}"}),
-        })
+        content = RecordDict(
+            {
+                "arrays": to_record(trained),
+                "metrics": MetricRecord(
+                    {
+                        "num-examples": 10,
+                        "train-loss": 1.0,
+                        "steps": 1,
+                        "seconds": self.durations[node],
+                        "tokens-per-second": 1.0,
+                    }
+                ),
+                "node": ConfigRecord({"facility": f"site{node}"}),
+            }
+        )
         return SimpleNamespace(metadata=metadata, has_error=lambda: False, content=content)

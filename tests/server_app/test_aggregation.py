@@ -16,13 +16,20 @@ from chemfl.server_app.aggregation import (
 )
 from chemfl.server_app.async_strategies import FedAsync, FedBuff, Update
 
-STALENESS = [Staleness("constant"), Staleness("polynomial", a=0.5), Staleness("polynomial", a=2.0),
-             Staleness("hinge", a=1.0, b=2.0), Staleness("sqrt")]
+STALENESS = [
+    Staleness("constant"),
+    Staleness("polynomial", a=0.5),
+    Staleness("polynomial", a=2.0),
+    Staleness("hinge", a=1.0, b=2.0),
+    Staleness("sqrt"),
+]
 
 
 def adapter(rng, rank=2, d_in=5, d_out=4):
-    return {"m.lora_A.weight": rng.normal(size=(rank, d_in)).astype(np.float32),
-            "m.lora_B.weight": rng.normal(size=(d_out, rank)).astype(np.float32)}
+    return {
+        "m.lora_A.weight": rng.normal(size=(rank, d_in)).astype(np.float32),
+        "m.lora_B.weight": rng.normal(size=(d_out, rank)).astype(np.float32),
+    }
 
 
 def update(params, version_sent=0, node=1):
@@ -75,7 +82,9 @@ def test_fedbuff_publishes_after_exactly_k_and_weights_by_staleness():
     verdict, published = strategy.submit(current, 3, current, update(c, version_sent=3))
     assert len(strategy.buffer) == 0
     name = "m.lora_B.weight"
-    expected = current[name] - (0.5 * (sent_old[name] - a[name]) + (current[name] - b[name]) + (current[name] - c[name])) / 3
+    expected = (
+        current[name] - (0.5 * (sent_old[name] - a[name]) + (current[name] - b[name]) + (current[name] - c[name])) / 3
+    )
     np.testing.assert_allclose(published[name], expected, rtol=1e-5, atol=1e-6)
 
 
@@ -101,7 +110,9 @@ def test_fedasync_mixes_with_alpha_times_staleness(seed, alpha, tau):
     mixing = alpha * (tau + 1) ** -0.5
     assert verdict.weight == pytest.approx((tau + 1) ** -0.5)
     for name in current:
-        np.testing.assert_allclose(published[name], (1 - mixing) * current[name] + mixing * trained[name], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            published[name], (1 - mixing) * current[name] + mixing * trained[name], rtol=1e-5, atol=1e-6
+        )
     np.testing.assert_allclose(fedasync_mix(current, trained, 0.0)["m.lora_A.weight"], current["m.lora_A.weight"])
 
 
@@ -127,7 +138,7 @@ def test_naive_a_b_averaging_is_not_the_average_update_but_svd_is():
     trained = [adapter(rng, rank=2, d_in=6, d_out=6) for _ in range(2)]
     mean_product = np.mean([products(t)["m"] for t in trained], axis=0)  # rank <= 4
     results = {}
-    for mode, rank_needed in (("naive", 2), ("svd", 2)):
+    for mode, _rank_needed in (("naive", 2), ("svd", 2)):
         strategy = FedBuff(buffer_size=2, staleness=Staleness("constant"), lora_aggregation=mode)
         for params in trained:
             _, published = strategy.submit(current, 0, current, update(params))
@@ -150,8 +161,9 @@ def test_refactorise_reproduces_a_product_of_its_rank(seed):
 
 def test_server_optimizers():
     params, gradient = {"w": np.array([1.0, 2.0])}, {"w": np.array([0.5, -1.0])}
-    np.testing.assert_allclose(ServerOptimizer("sgd", lr=0.1).apply(params, gradient, ServerOptimizerState())["w"],
-                               [0.95, 2.1])
+    np.testing.assert_allclose(
+        ServerOptimizer("sgd", lr=0.1).apply(params, gradient, ServerOptimizerState())["w"], [0.95, 2.1]
+    )
     state = ServerOptimizerState()
     momentum = ServerOptimizer("momentum", lr=1.0, beta1=0.5)
     first = momentum.apply(params, gradient, state)

@@ -12,35 +12,50 @@ from chemfl.server_app.outputs import RunOutputs
 from chemfl.server_app.strategies import make_async_strategy
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"strategy.name": "fedbuff", "strategy.buffer-size": 0}, "buffer size K = 0"),
-    ({"strategy.name": "fedbuff", "strategy.staleness": "exp"}, "unknown staleness function 'exp'"),
-    ({"strategy.name": "fedbuff", "strategy.server-optimizer": "lion"}, "unknown server optimizer 'lion'"),
-    ({"strategy.name": "fedbuff", "strategy.server-lr": 0.0}, "server learning rate"),
-    ({"strategy.name": "fedbuff", "lora.aggregation": "mean"}, "lora.aggregation = 'mean'"),
-    ({"strategy.name": "fedbuff", "lora.aggregation": "svd", "lora.freeze-a": True}, "already exact"),
-    ({"strategy.name": "fedasync", "strategy.fedasync-alpha": 1.5}, "alpha = 1.5"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"strategy.name": "fedbuff", "strategy.buffer-size": 0}, "buffer size K = 0"),
+        ({"strategy.name": "fedbuff", "strategy.staleness": "exp"}, "unknown staleness function 'exp'"),
+        ({"strategy.name": "fedbuff", "strategy.server-optimizer": "lion"}, "unknown server optimizer 'lion'"),
+        ({"strategy.name": "fedbuff", "strategy.server-lr": 0.0}, "server learning rate"),
+        ({"strategy.name": "fedbuff", "lora.aggregation": "mean"}, "lora.aggregation = 'mean'"),
+        ({"strategy.name": "fedbuff", "lora.aggregation": "svd", "lora.freeze-a": True}, "already exact"),
+        ({"strategy.name": "fedasync", "strategy.fedasync-alpha": 1.5}, "alpha = 1.5"),
+    ],
+)
 def test_bad_strategy_settings_are_clear_errors(overrides, message):
     with pytest.raises(ChemFLError, match=message):
         make_async_strategy(resolve(overrides))
 
 
 def test_strategy_settings_reach_the_strategy():
-    fedbuff = make_async_strategy(resolve({"strategy.name": "fedbuff", "strategy.buffer-size": 5,
-                                           "strategy.max-staleness": 7, "strategy.staleness": "hinge",
-                                           "strategy.server-optimizer": "adam", "lora.aggregation": "svd"}))
+    fedbuff = make_async_strategy(
+        resolve(
+            {
+                "strategy.name": "fedbuff",
+                "strategy.buffer-size": 5,
+                "strategy.max-staleness": 7,
+                "strategy.staleness": "hinge",
+                "strategy.server-optimizer": "adam",
+                "lora.aggregation": "svd",
+            }
+        )
+    )
     assert isinstance(fedbuff, FedBuff) and fedbuff.buffer_size == 5 and fedbuff.max_staleness == 7
     assert fedbuff.staleness.name == "hinge" and fedbuff.optimizer.name == "adam" and fedbuff.lora_aggregation == "svd"
     fedasync = make_async_strategy(resolve({"strategy.name": "fedasync", "strategy.fedasync-alpha": 0.9}))
     assert isinstance(fedasync, FedAsync) and fedasync.alpha == 0.9 and fedasync.max_staleness is None
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"strategy.num-versions": 0}, "num-versions = 0"),
-    ({"strategy.concurrency": -1}, "concurrency = -1"),
-    ({"strategy.message-ttl": 0.0}, "message-ttl"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"strategy.num-versions": 0}, "num-versions = 0"),
+        ({"strategy.concurrency": -1}, "concurrency = -1"),
+        ({"strategy.message-ttl": 0.0}, "message-ttl"),
+    ],
+)
 def test_bad_run_loop_settings_are_clear_errors(overrides, message):
     with pytest.raises(ChemFLError, match=message):
         async_settings(resolve(overrides))

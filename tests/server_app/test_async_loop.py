@@ -11,23 +11,32 @@ from chemfl.server_app.async_strategies import FedAsync, FedBuff
 from chemfl.server_app.checkpoint import AsyncState, Checkpointer
 from tests.server_app.fake_grid import FakeGrid
 
-
 pytestmark = pytest.mark.usefixtures("server_task_identity")
 
 
 def initial_params():
     rng = np.random.default_rng(0)
-    return {"m.lora_A.weight": rng.normal(size=(2, 3)).astype(np.float32),
-            "m.lora_B.weight": np.zeros((4, 2), dtype=np.float32)}
+    return {
+        "m.lora_A.weight": rng.normal(size=(2, 3)).astype(np.float32),
+        "m.lora_B.weight": np.zeros((4, 2), dtype=np.float32),
+    }
 
 
-def make_run(grid, strategy, versions=6, records=None, evaluate=None, spec=None, stop=None, checkpointer=None, state=None):
+def make_run(
+    grid, strategy, versions=6, records=None, evaluate=None, spec=None, stop=None, checkpointer=None, state=None
+):
     lines = records if records is not None else []
     return AsyncRun(
-        grid=grid, strategy=strategy, state=state or AsyncState(params=initial_params()),
-        spec=spec or AsyncSpec(eval_every=0, poll_seconds=1.0), stop=stop or StopRule(num_versions=versions),
-        evaluate=evaluate or (lambda version, params: None), record=lines.append, checkpointer=checkpointer,
-        clock=grid.clock, sleep=grid.advance,
+        grid=grid,
+        strategy=strategy,
+        state=state or AsyncState(params=initial_params()),
+        spec=spec or AsyncSpec(eval_every=0, poll_seconds=1.0),
+        stop=stop or StopRule(num_versions=versions),
+        evaluate=evaluate or (lambda version, params: None),
+        record=lines.append,
+        checkpointer=checkpointer,
+        clock=grid.clock,
+        sleep=grid.advance,
     ), lines
 
 
@@ -58,15 +67,18 @@ def test_staleness_is_versions_published_since_dispatch():
 
 
 def test_vanishing_and_joining_nodes_do_not_stall_the_run():
-    grid = FakeGrid(durations={1: 1.0, 2: 1.0, 3: 1.0}, online={1, 2},
-                    events=[(2.5, "leave", 2), (3.5, "join", 3), (6.5, "join", 2)])
+    grid = FakeGrid(
+        durations={1: 1.0, 2: 1.0, 3: 1.0},
+        online={1, 2},
+        events=[(2.5, "leave", 2), (3.5, "join", 3), (6.5, "join", 2)],
+    )
     run, lines = make_run(grid, FedBuff(buffer_size=2), versions=10)
     run.run()
     lost = [line for line in lines if line["event"] == "lost"]
     assert [line["node"] for line in lost] == [2]
     accepted_nodes = [line["node"] for line in updates(lines) if line["accepted"]]
     assert 3 in accepted_nodes  # picked up after joining
-    assert 2 in accepted_nodes[accepted_nodes.index(3):]  # used again after coming back
+    assert 2 in accepted_nodes[accepted_nodes.index(3) :]  # used again after coming back
     assert run.state.version == 10
 
 
@@ -80,8 +92,10 @@ def test_error_replies_lose_the_work_and_the_node_is_used_again():
     assert run.state.counters["lost"] == 1
 
 
-@pytest.mark.parametrize("kind, reason", [("nan", "non-finite"), ("keys", "keys differ"), ("shape", "shape"),
-                                          ("dtype", "dtype"), ("big", "update norm")])
+@pytest.mark.parametrize(
+    "kind, reason",
+    [("nan", "non-finite"), ("keys", "keys differ"), ("shape", "shape"), ("dtype", "dtype"), ("big", "update norm")],
+)
 def test_malformed_and_nan_updates_are_rejected_and_never_aggregated(kind, reason):
     def run_with(kinds):
         grid = FakeGrid(durations={1: 1.0, 2: 1.3}, reply_kinds={2: kinds})
@@ -108,8 +122,13 @@ def test_stops_on_wall_clock_budget_and_on_target_loss():
     assert run.state.version == 5
     losses = iter([3.0, 2.0, 1.0, 0.5, 0.1])
     grid = FakeGrid(durations={1: 1.0})
-    run, _ = make_run(grid, FedBuff(buffer_size=1), stop=StopRule(1000, target_loss=0.9),
-                      spec=AsyncSpec(eval_every=1, poll_seconds=1.0), evaluate=lambda version, params: next(losses))
+    run, _ = make_run(
+        grid,
+        FedBuff(buffer_size=1),
+        stop=StopRule(1000, target_loss=0.9),
+        spec=AsyncSpec(eval_every=1, poll_seconds=1.0),
+        evaluate=lambda version, params: next(losses),
+    )
     run.run()
     assert run.state.version == 3 and run.last_loss == 0.5  # evaluated at versions 0..3
 
@@ -117,8 +136,13 @@ def test_stops_on_wall_clock_budget_and_on_target_loss():
 def test_evaluates_every_n_versions_and_at_the_end():
     evaluated = []
     grid = FakeGrid(durations={1: 1.0, 2: 1.0})
-    run, _ = make_run(grid, FedBuff(buffer_size=1), versions=7, spec=AsyncSpec(eval_every=3),
-                      evaluate=lambda version, params: evaluated.append(version) or 1.0)
+    run, _ = make_run(
+        grid,
+        FedBuff(buffer_size=1),
+        versions=7,
+        spec=AsyncSpec(eval_every=3),
+        evaluate=lambda version, params: evaluated.append(version) or 1.0,
+    )
     run.run()
     assert evaluated == [0, 3, 6, 7]
 
@@ -142,12 +166,14 @@ def test_concurrency_caps_messages_in_flight():
 def test_resume_gives_the_uninterrupted_result(tmp_path):
     """Stop the server mid-run (buffer half full), restart from the checkpoint: the final version
     count and adapter equal those of an uninterrupted run with the same arrival order."""
+
     def strategy():
         return FedBuff(buffer_size=3, staleness=Staleness("sqrt"))
 
     durations = {1: 1.0}  # one node: the arrival order is the same in both runs
-    uninterrupted, _ = make_run(FakeGrid(durations=durations), strategy(), versions=5,
-                                checkpointer=Checkpointer(tmp_path / "a"))
+    uninterrupted, _ = make_run(
+        FakeGrid(durations=durations), strategy(), versions=5, checkpointer=Checkpointer(tmp_path / "a")
+    )
     expected = uninterrupted.run()
 
     crashing_grid = FakeGrid(durations=durations, fail_after_pulls=8)  # 2 versions + 2 buffered
@@ -173,8 +199,15 @@ def test_resume_gives_the_uninterrupted_result(tmp_path):
 
 def test_checkpoint_keeps_only_what_state_json_names(tmp_path):
     grid = FakeGrid(durations={1: 1.0, 2: 1.5})
-    run, _ = make_run(grid, FedBuff(buffer_size=2, optimizer=__import__("chemfl.server_app.aggregation", fromlist=["x"]).ServerOptimizer("adam", 0.1)),
-                      versions=3, checkpointer=Checkpointer(tmp_path))
+    run, _ = make_run(
+        grid,
+        FedBuff(
+            buffer_size=2,
+            optimizer=__import__("chemfl.server_app.aggregation", fromlist=["x"]).ServerOptimizer("adam", 0.1),
+        ),
+        versions=3,
+        checkpointer=Checkpointer(tmp_path),
+    )
     run.run()
     names = sorted(path.name for path in tmp_path.iterdir())
     assert names[-1] == "state.json" and any(n.startswith("global-v3") for n in names)

@@ -17,8 +17,11 @@ class ScriptedGrid:
 
     def pull_messages(self, message_ids):
         self.pulls += 1
-        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i))
-                for i in message_ids if self.ready_on_pull[i] == self.pulls]
+        return [
+            SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i))
+            for i in message_ids
+            if self.ready_on_pull[i] == self.pulls
+        ]
 
 
 def test_collects_every_reply_as_it_arrives():

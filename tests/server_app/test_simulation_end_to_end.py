@@ -77,8 +77,14 @@ def test_final_adapter_loads_with_plain_peft_and_reproduces_the_reported_loss(fi
     model = PeftModel.from_pretrained(base, str(adapter))
     test = io.read_records(__import__("pathlib").Path(config["data.path"]) / "test.parquet")
     spec = EvalSpec.from_config(config)
-    loss = answer_loss(model, tokenizer, per_task_head(test, spec.loss_per_task), int(config["train.max-length"]),
-                       spec.batch_size, str(config["model.system-prompt"]))
+    loss = answer_loss(
+        model,
+        tokenizer,
+        per_task_head(test, spec.loss_per_task),
+        int(config["train.max-length"]),
+        spec.batch_size,
+        str(config["model.system-prompt"]),
+    )
     reported = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["eval"]["loss"]
     assert loss == pytest.approx(reported, rel=1e-4)
     first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["eval"]["loss"]

@@ -13,8 +13,14 @@ from chemfl.data_prep.schema import FIELDS, REQUIRED_FIELDS
 from chemfl.errors import ChemFLError
 
 # Names labs use for the validation split.
-SPLIT_ALIASES = {"train": "train", "validation": "validation", "valid": "validation", "dev": "validation",
-                 "val": "validation", "test": "test"}
+SPLIT_ALIASES = {
+    "train": "train",
+    "validation": "validation",
+    "valid": "validation",
+    "dev": "validation",
+    "val": "validation",
+    "test": "test",
+}
 SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
@@ -30,12 +36,10 @@ def _rows(path: Path) -> list[dict]:
     return pq.read_table(path).to_pylist()
 
 
-def load_files(
-    paths: Sequence[str], tasks: Sequence[str] | None, max_per_task: int
-) -> tuple[list[dict], dict]:
+def load_files(paths: Sequence[str], tasks: Sequence[str] | None, max_per_task: int) -> tuple[list[dict], dict]:
     """Records from `paths`, keeping `tasks` (None: all), at most `max_per_task` per task and split."""
     if not paths:
-        raise ChemFLError("data.source = \"files\" needs data.files = \"a.jsonl,b.parquet,...\"")
+        raise ChemFLError('data.source = "files" needs data.files = "a.jsonl,b.parquet,..."')
     records: list[dict] = []
     for name in paths:
         path = Path(name).expanduser()

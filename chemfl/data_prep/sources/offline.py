@@ -107,8 +107,7 @@ def load_offline(
         on_molecule()
     if len(groups) < max_molecules:
         raise ChemFLError(
-            f"the PubChem table holds only {len(groups)} usable molecules; "
-            f"set data.max-molecules <= {len(groups)}"
+            f"the PubChem table holds only {len(groups)} usable molecules; set data.max-molecules <= {len(groups)}"
         )
     assign_splits(records, test_fraction, validation_fraction, seed, groups=groups)
     source = {

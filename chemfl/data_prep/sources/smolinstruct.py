@@ -52,19 +52,17 @@ def download_from_hub() -> Path:
         raise ChemFLError(
             f"could not download {HUB_FILE} of {HUB_REPO} from the Hugging Face Hub ({error}); "
             "on a machine without Hub access, copy data.zip here and set data.smolinstruct-path "
-            "to it, or use data.source = \"offline\""
+            'to it, or use data.source = "offline"'
         ) from error
 
 
 def open_tree(location: Path) -> Any:
     """A path-like root (pathlib.Path or zipfile.Path) holding core_tag/, raw/, sample/, template/."""
     if location.is_dir():
-        root: Any = location
         candidates = [location, *sorted(p for p in location.iterdir() if p.is_dir())]
     elif zipfile.is_zipfile(location):
         archive = zipfile.ZipFile(location)
         top = zipfile.Path(archive)
-        root = top
         candidates = [top, *sorted((p for p in top.iterdir() if p.is_dir()), key=lambda p: p.name)]
     else:
         raise ChemFLError(
@@ -80,9 +78,7 @@ def open_tree(location: Path) -> Any:
     )
 
 
-def load_smolinstruct(
-    location: str, tasks: Sequence[str], max_per_task: int
-) -> tuple[list[dict], dict]:
+def load_smolinstruct(location: str, tasks: Sequence[str], max_per_task: int) -> tuple[list[dict], dict]:
     """Records of `tasks` in all three splits; at most `max_per_task` per task and split (0: all)."""
     path = Path(location).expanduser() if location else download_from_hub()
     if not path.exists():
@@ -131,8 +127,17 @@ def _task_split_records(root: Any, task: str, folder: str, split: str, cap: int)
             target = sample["target"]
             raw_output = raw_output[target]
         raw_input, raw_output = str(item["input"]), str(raw_output)
-        records.append(make_record(
-            template["input"], template["output"], raw_input, raw_output, task, (in_left, in_right),
-            (out_left, out_right), split=split, target=None if target is None else str(target),
-        ))
+        records.append(
+            make_record(
+                template["input"],
+                template["output"],
+                raw_input,
+                raw_output,
+                task,
+                (in_left, in_right),
+                (out_left, out_right),
+                split=split,
+                target=None if target is None else str(target),
+            )
+        )
     return records
