@@ -35,12 +35,13 @@ import tomli_w
 from rich.console import Console
 from rich.table import Table
 
+from chemfl import protocol
 from chemfl.cli import main as chemfl
 from chemfl.config import resolve, split_list
 from chemfl.errors import ChemFLError
+from chemfl.hpc.launch_log import read_events
 from chemfl.launcher.schedulers import local_pid
 from chemfl.launcher.superlink import check_superlink
-from chemfl.launcher.watch import read_events
 from chemfl.llm.model import ModelSpec, materialize_gguf, resolve_model_path
 from chemfl.simulation import free_port
 
@@ -58,14 +59,17 @@ def safetensors_tensors(path: Path) -> list[tuple[str, int]]:
     return [(entry["dtype"], math.prod(entry["shape"])) for name, entry in header.items() if name != "__metadata__"]
 
 
-def metrics_lines(path: Path) -> list[dict]:
+def metrics_lines(path: Path) -> list[protocol.MetricsLine]:
+    """The lines written so far (one may be half-written while the run goes on)."""
     lines = []
     if path.is_file():
-        for line in path.read_text().splitlines():
+        for text in path.read_text().splitlines():
             try:
-                lines.append(json.loads(line))
+                line = protocol.from_json(json.loads(text))
             except json.JSONDecodeError:
                 continue
+            if line is not None:
+                lines.append(line)
     return lines
 
 
@@ -214,9 +218,9 @@ def main() -> None:
                 if name not in connected and log.is_file() and "SuperNode ID:" in log.read_text(errors="replace"):
                     connected[name] = now
             lines = metrics_lines(metrics)
-            if server_ready is None and any(line["event"] == "version" for line in lines):
+            if server_ready is None and any(isinstance(line, protocol.VersionLine) for line in lines):
                 server_ready = now
-            if first_update is None and any(line["event"] == "update" for line in lines):
+            if first_update is None and any(isinstance(line, protocol.UpdateLine) for line in lines):
                 first_update = now
             time.sleep(0.2)
         if run.returncode != 0:
@@ -238,9 +242,9 @@ def main() -> None:
 
     load_after = os.getloadavg()[0]
     lines = metrics_lines(metrics)
-    updates = [line for line in lines if line["event"] == "update"]
-    outside = [u["arrival_time"] - u["dispatch_time"] - u["train_seconds"] for u in updates]
-    trained = [u["train_seconds"] for u in updates]
+    updates = [line for line in lines if isinstance(line, protocol.UpdateLine)]
+    outside = [u.arrival_time - u.dispatch_time - u.train_seconds for u in updates]
+    trained = [u.train_seconds for u in updates]
     adapter = sum(
         count * 4
         for _, count in safetensors_tensors(scratch / "outputs" / RUN / "adapter" / "adapter_model.safetensors")

@@ -24,6 +24,7 @@ from flwr.common.config import parse_config_args
 from rich.console import Console
 from rich.table import Table
 
+from chemfl import protocol
 from chemfl.config import resolve
 from chemfl.simulation import simulate
 
@@ -47,34 +48,31 @@ def run(name: str, base: dict, overrides: dict, clients_at_once: int) -> list[di
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def summarise(lines: list[dict], target: float) -> dict:
+def summarise(data: list[dict], target: float) -> dict:
     """Seconds (evaluation time excluded) and client updates until the test loss <= target."""
+    lines = [line for line in map(protocol.from_json, data) if line is not None]
     updates, train_seconds, evaluation, reached = 0, 0.0, 0.0, None
+    server_total = 0.0
     for line in lines:
-        if line["event"] == "update" and line["accepted"]:
+        if isinstance(line, protocol.UpdateLine) and line.accepted:
             updates += 1
-            train_seconds += line["train_seconds"]
-        if line["event"] == "round":
-            updates += len(line.get("facilities", []))
-            train_seconds += line.get("node_train_seconds", 0.0)
-            evaluation += line.get("eval", {}).get("seconds", 0.0)
-            loss = line.get("eval", {}).get("loss")
-            line.get("server_seconds", 0.0)
-        elif line["event"] == "version":
-            evaluation = line["evaluation_seconds"]
-            loss = line.get("eval_loss")
-            line["server_seconds"]
+            train_seconds += line.train_seconds or 0.0
+        if isinstance(line, protocol.RoundLine):
+            updates += len(line.facilities)
+            train_seconds += line.node_train_seconds or 0.0
+            evaluation += (line.eval or {}).get("seconds", 0.0)
+            loss = (line.eval or {}).get("loss")
+            server_total += line.server_seconds or 0.0
+        elif isinstance(line, protocol.VersionLine):
+            evaluation = line.evaluation_seconds
+            loss = line.eval_loss
+            server_total = line.server_seconds  # cumulative in version lines
         else:
             continue
         if loss is not None and loss <= target and reached is None:
-            reached = {"seconds": line["wall_time"] - evaluation, "updates": updates}
-    final = [line for line in lines if line["event"] in ("round", "version")][-1]
-    final_loss = final.get("eval", {}).get("loss", final.get("eval_loss"))
-    server_total = (
-        sum(line.get("server_seconds", 0.0) for line in lines if line["event"] == "round")
-        if lines[-1]["event"] == "round"
-        else final["server_seconds"]
-    )
+            reached = {"seconds": line.wall_time - evaluation, "updates": updates}
+    final = [line for line in lines if isinstance(line, protocol.RoundLine | protocol.VersionLine)][-1]
+    final_loss = (final.eval or {}).get("loss") if isinstance(final, protocol.RoundLine) else final.eval_loss
     return {
         "reached": reached,
         "final_loss": final_loss,

@@ -10,6 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from chemfl.config import resolve
+
+# Each room's cli module only declares its options; its handlers import torch, datasets, matplotlib or
+# cryptography when they run, so `chemfl ... --help` answers at once (tests/test_cli_startup.py).
 from chemfl.data_prep import cli as data_cli
 from chemfl.errors import ChemFLError
 from chemfl.launcher import cli as launch_cli

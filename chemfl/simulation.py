@@ -20,8 +20,8 @@ import tomllib
 from pathlib import Path
 
 from chemfl.config import Scalar, resolve, split_list
-from chemfl.data_prep.io import write_file_atomically
 from chemfl.errors import ChemFLError
+from chemfl.files import write_file_atomically
 
 
 def free_port() -> int:

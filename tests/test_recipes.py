@@ -10,7 +10,7 @@ from chemfl.data_prep.build import BuildSpec
 from chemfl.llm.evaluation import EvalSpec
 from chemfl.llm.model import LoraSpec, ModelSpec
 from chemfl.llm.training import TrainSpec
-from chemfl.server_app.strategies import make_strategy
+from chemfl.server_app.strategy_spec import StrategySpec
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.toml"))
 
@@ -21,7 +21,7 @@ def test_recipe_resolves_and_every_spec_accepts_it(recipe):
     BuildSpec.from_config(config)
     for spec in (ModelSpec, LoraSpec, TrainSpec, EvalSpec):
         spec.from_config(config)
-    make_strategy(config, lambda *_: None)
+    StrategySpec.from_config(config)
     assert recipe.read_text().startswith("#"), "a recipe opens with a comment block saying what it is for"
 
 

@@ -11,21 +11,19 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
-from chemfl.client_app.walltime import remaining_walltime
 from chemfl.config import resolve
 from chemfl.data_prep.formatting import LazyExamples
 from chemfl.data_prep.shards import Shard, load_shard, shard_dir_for
 from chemfl.emulation import emulate_slowdown
 from chemfl.errors import ChemFLError
+from chemfl.hpc.walltime import remaining_walltime
 from chemfl.llm.evaluation import EvalSpec, evaluate
 from chemfl.llm.lora import exchanged_state, frozen_a_digest, load_exchanged_state
 from chemfl.llm.session import get_session
 from chemfl.llm.training import TrainSpec, train_local
+from chemfl.protocol import ARRAYS, CONFIG, METRICS, NODE, EvalReport, NodeInfo, Task, TrainReport, task_local_steps
 
 app = ClientApp()
-
-# The only scalars a node reports after training.
-TRAIN_METRICS = ("num-examples", "train-loss", "steps", "seconds", "tokens-per-second")
 
 
 def parse_slice(setting: str) -> tuple[int, int]:
@@ -58,11 +56,7 @@ def _node_shard(config: dict, context: Context) -> Shard:
 
 def _node_record(shard: Shard, context: Context) -> ConfigRecord:
     """Who replied: facility name and, inside a batch job, the seconds of walltime left."""
-    record = {"facility": shard.facility}
-    remaining = remaining_walltime(dict(context.node_config))
-    if remaining is not None:
-        record["walltime-remaining"] = remaining
-    return ConfigRecord(record)
+    return ConfigRecord(NodeInfo(shard.facility, remaining_walltime(dict(context.node_config))).to_record())
 
 
 _EXAMPLES: dict[tuple, LazyExamples] = {}
@@ -77,14 +71,16 @@ def _training_examples(session, shard: Shard, max_length: int, system_prompt: st
     return _EXAMPLES[key]
 
 
-def _receive_adapter(session, msg: Message) -> None:
-    config = msg.content["config"]
-    if session.lora_spec.freeze_a and config.get("lora-a-digest") != frozen_a_digest(session.model):
+def _receive_adapter(session, msg: Message) -> Task:
+    """Loads the adapter the server sent into the node's model; returns the task that came with it."""
+    task = Task.from_config(msg.content[CONFIG])
+    if session.lora_spec.freeze_a and task.lora_a_digest != frozen_a_digest(session.model):
         raise ChemFLError(
             "this node's frozen LoRA A differs from the server's; both must use the same "
             "model.name, lora.* settings and lora.seed"
         )
-    load_exchanged_state(session.model, session.lora_spec, msg.content["arrays"].to_torch_state_dict())
+    load_exchanged_state(session.model, session.lora_spec, msg.content[ARRAYS].to_torch_state_dict())
+    return task
 
 
 @app.train()
@@ -93,15 +89,12 @@ def train(msg: Message, context: Context) -> Message:
     spec = TrainSpec.from_config(config)
     session = get_session(config)
     shard = _node_shard(config, context)
-    _receive_adapter(session, msg)
-    sent = msg.content["config"]
-    if "local-steps" in sent:  # sized by the strategy for this task (e.g. to fit the walltime left)
-        spec = replace(spec, local_steps=max(1, int(sent["local-steps"])))
+    task = _receive_adapter(session, msg)
+    spec = replace(spec, local_steps=task_local_steps(task.local_steps, spec.local_steps))
     examples = _training_examples(session, shard, spec.max_length, str(config["model.system-prompt"]))
     # A different batch order for every task (round, or asynchronous dispatch) and facility,
     # reproducible from the seeds.
-    task = int(sent.get("task-id", sent.get("server-round", 0)))
-    seed = spec.seed * 1_000_003 + task * 1_009 + shard.partition_id
+    seed = spec.seed * 1_000_003 + task.batch_order_key * 1_009 + shard.partition_id
     cut_before = (examples.report.truncated, examples.report.dropped)
     result = train_local(session.model, examples, spec, session.tokenizer.pad_token_id, seed, session.accelerator)
     emulate_slowdown(str(config["emulation.slowdown"]), shard.facility, result.seconds)
@@ -114,20 +107,12 @@ def train(msg: Message, context: Context) -> Message:
             examples.report.dropped,
             spec.max_length,
         )
-    metrics = MetricRecord(
-        {
-            "num-examples": len(examples),
-            "train-loss": result.loss,
-            "steps": result.steps,
-            "seconds": result.seconds,
-            "tokens-per-second": result.tokens_per_second,
-        }
-    )
+    report = TrainReport(len(examples), result.loss, result.steps, result.seconds, result.tokens_per_second)
     reply = RecordDict(
         {
-            "arrays": ArrayRecord(exchanged_state(session.model, session.lora_spec)),
-            "metrics": metrics,
-            "node": _node_record(shard, context),
+            ARRAYS: ArrayRecord(exchanged_state(session.model, session.lora_spec)),
+            METRICS: MetricRecord(report.to_metrics()),
+            NODE: _node_record(shard, context),
         }
     )
     return Message(content=reply, reply_to=msg)
@@ -137,7 +122,7 @@ def train(msg: Message, context: Context) -> Message:
 def describe_node(msg: Message, context: Context) -> Message:
     """Which facility this SuperNode serves (the emulated campaign maps nodes to facilities)."""
     config = resolve(context.run_config)
-    return Message(content=RecordDict({"node": _node_record(_node_shard(config, context), context)}), reply_to=msg)
+    return Message(content=RecordDict({NODE: _node_record(_node_shard(config, context), context)}), reply_to=msg)
 
 
 @app.evaluate()
@@ -155,7 +140,6 @@ def evaluate_node(msg: Message, context: Context) -> Message:
         int(config["train.max-length"]),
         str(config["model.system-prompt"]),
     )
-    metrics = {"num-examples": result["n_loss"], "eval-loss": result["loss"]}
-    if result["overall"]:
-        metrics["exact-match"] = result["overall"]["exact_match"]
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    exact_match = result["overall"]["exact_match"] if result["overall"] else None
+    report = EvalReport(result["n_loss"], result["loss"], exact_match)
+    return Message(content=RecordDict({METRICS: MetricRecord(report.to_metrics())}), reply_to=msg)

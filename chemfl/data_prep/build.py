@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
 
-from chemfl import __version__
+from chemfl import __version__, files
 from chemfl.config import Scalar, split_list
-from chemfl.data_prep import io
+from chemfl.data_prep import store
 from chemfl.data_prep.partitions import PartitionSpec, parse_task_map, partition_indices
 from chemfl.data_prep.sources.files import load_files
 from chemfl.data_prep.sources.offline import load_offline, pubchem_table_path
@@ -125,17 +125,17 @@ class BuildSpec:
     def input_fingerprint(self) -> dict:
         """What the source reads, by content: a changed input file means a different build."""
         if self.source == "offline":
-            return {"pubchem_table_sha256": io.file_sha256(pubchem_table_path())}
+            return {"pubchem_table_sha256": files.file_sha256(pubchem_table_path())}
         if self.source == "files":
             for path in self.files:
                 if not Path(path).expanduser().is_file():
                     raise ChemFLError(f"data file {path} does not exist")
-            return {path: io.file_sha256(Path(path).expanduser()) for path in self.files}
+            return {path: files.file_sha256(Path(path).expanduser()) for path in self.files}
         location = Path(self.smolinstruct_path).expanduser() if self.smolinstruct_path else None
         if location is None:
             return {"hub": f"{HUB_REPO}/{HUB_FILE}"}
         if location.is_file():
-            return {"sha256": io.file_sha256(location)}
+            return {"sha256": files.file_sha256(location)}
         if location.is_dir():  # a large extracted tree: sizes and times stand in for contents
             listing = sorted(
                 (str(p.relative_to(location)), p.stat().st_size, p.stat().st_mtime_ns)
@@ -168,7 +168,7 @@ def _no_progress(description: str, total: int) -> Callable[[], None]:
 def build_dataset(spec: BuildSpec, out_dir: Path, force: bool = False, step: Step = _no_progress) -> BuildResult:
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    existing = io.existing_build_id(out_dir)
+    existing = store.existing_build_id(out_dir)
     inputs = spec.input_fingerprint()  # hashed once: the offline table is ~30 MB
     build_id = compute_build_id(spec, inputs)
     if existing == build_id and not force:
@@ -178,7 +178,7 @@ def build_dataset(spec: BuildSpec, out_dir: Path, force: bool = False, step: Ste
                 f"{out_dir} holds this build but its files do not match its manifest "
                 f"({'; '.join(problems[:3])}); rebuild with --force"
             )
-        return BuildResult(io.read_json(out_dir / io.MANIFEST), time.perf_counter() - started, True)
+        return BuildResult(files.read_json(out_dir / store.MANIFEST), time.perf_counter() - started, True)
     if existing is not None and not force:
         raise ChemFLError(
             f"{out_dir} already holds a different build (build id {existing}, this one is "
@@ -199,10 +199,10 @@ def build_dataset(spec: BuildSpec, out_dir: Path, force: bool = False, step: Ste
         if not any(pool[i]["split"] == "train" for i in rows):
             raise ChemFLError(f"facility {name} received no training examples; use more data or fewer facilities")
 
-    staging = io.staging_dir(out_dir)
+    staging = files.staging_dir(out_dir)
     try:
         manifest = _write(staging, spec, build_id, tasks, source_info, by_split, pool, parts, leakage_dropped, step)
-        io.replace_dir(staging, out_dir)
+        files.replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -240,7 +240,7 @@ def _write(staging, spec, build_id, tasks, source_info, by_split, pool, parts, l
     advance = step("writing files", 2 + len(parts))
     files: dict[str, str] = {}
     for split in ("test", "validation"):
-        files[f"{split}.parquet"] = io.write_records(staging / f"{split}.parquet", by_split[split])
+        files[f"{split}.parquet"] = store.write_records(staging / f"{split}.parquet", by_split[split])
         advance()
     partitions: dict[str, dict] = {}
     for partition_id, (name, rows) in enumerate(zip(spec.partition.facilities, parts, strict=False)):
@@ -248,7 +248,7 @@ def _write(staging, spec, build_id, tasks, source_info, by_split, pool, parts, l
         shard_files, shard_counts = {}, {}
         for split in ("train", "validation"):
             shard_records = [pool[i] for i in rows if pool[i]["split"] == split]
-            shard_files[f"{split}.parquet"] = io.write_records(shard_dir / f"{split}.parquet", shard_records)
+            shard_files[f"{split}.parquet"] = store.write_records(shard_dir / f"{split}.parquet", shard_records)
             shard_counts[split] = count_tasks(shard_records)
         shard = {
             "build_id": build_id,
@@ -257,12 +257,12 @@ def _write(staging, spec, build_id, tasks, source_info, by_split, pool, parts, l
             "counts": shard_counts,
             "files": shard_files,
         }
-        shard_files[io.SHARD_MANIFEST] = io.write_json(shard_dir / io.SHARD_MANIFEST, shard)
+        shard_files[store.SHARD_MANIFEST] = store.write_json(shard_dir / store.SHARD_MANIFEST, shard)
         files.update({f"partitions/{name}/{rel}": digest for rel, digest in shard_files.items()})
         partitions[name] = {"partition_id": partition_id, **shard_counts}
         advance()
     manifest = {
-        "format": io.FORMAT,
+        "format": store.FORMAT,
         "build_id": build_id,
         "build": spec.to_json(),
         "source": source_info,
@@ -281,15 +281,15 @@ def _write(staging, spec, build_id, tasks, source_info, by_split, pool, parts, l
         "versions": {name: version(name) for name in ("rdkit", "chemicals", "pyarrow", "flwr-datasets")}
         | {"chemfl": __version__},
     }
-    io.write_json(staging / io.MANIFEST, manifest)
+    store.write_json(staging / store.MANIFEST, manifest)
     return manifest
 
 
 def verify_build(folder: Path) -> list[str]:
     """Problems with a build folder or a single facility shard (empty list: it matches its manifest)."""
     folder = Path(folder)
-    if (folder / io.MANIFEST).is_file():
-        return io.check_files(folder, io.read_json(folder / io.MANIFEST)["files"])
-    if (folder / io.SHARD_MANIFEST).is_file():
-        return io.check_files(folder, io.read_json(folder / io.SHARD_MANIFEST)["files"])
-    return [f"{folder} has neither {io.MANIFEST} (a build) nor {io.SHARD_MANIFEST} (a facility shard)"]
+    if (folder / store.MANIFEST).is_file():
+        return store.check_files(folder, files.read_json(folder / store.MANIFEST)["files"])
+    if (folder / store.SHARD_MANIFEST).is_file():
+        return store.check_files(folder, files.read_json(folder / store.SHARD_MANIFEST)["files"])
+    return [f"{folder} has neither {store.MANIFEST} (a build) nor {store.SHARD_MANIFEST} (a facility shard)"]

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from typing import TYPE_CHECKING
 
 from chemfl.config import DEFAULTS, resolve
-from chemfl.data_prep import baselines, io
-from chemfl.data_prep.build import BuildSpec, build_dataset, verify_build
 from chemfl.errors import ChemFLError
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 DATA_KEYS = [key for key in DEFAULTS if key.startswith("data.") and key != "data.path"]
 
@@ -57,6 +55,12 @@ def load_run_config(path: str | None) -> dict:
 
 
 def run_build(args: argparse.Namespace) -> int:
+    # Imported here, as in every handler below: `chemfl <anything> --help` must not load the data stack.
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from chemfl.data_prep.build import BuildSpec, build_dataset
+
     overrides = load_run_config(args.run_config)
     overrides.update({key: getattr(args, key) for key in DATA_KEYS if getattr(args, key) is not None})
     config = resolve(overrides)
@@ -87,6 +91,8 @@ def run_build(args: argparse.Namespace) -> int:
 
 def summary_table(manifest: dict) -> Table:
     """Examples per task: the three splits, then each facility's training shard."""
+    from rich.table import Table
+
     counts, facilities = manifest["counts"], manifest["facilities"]
     table = Table(
         title=f"{manifest['source']['name']} data: {manifest['scheme']} partition over "
@@ -106,6 +112,8 @@ def summary_table(manifest: dict) -> Table:
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    from chemfl.data_prep.build import verify_build
+
     problems = verify_build(args.path)
     if problems:
         raise ChemFLError(f"{args.path} does not match its manifest: " + "; ".join(problems))
@@ -114,9 +122,15 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_baselines(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from chemfl.data_prep import baselines, store
+
     test_file = Path(args.path) / "test.parquet"
     if not test_file.is_file():
         raise ChemFLError(f"{args.path} has no test.parquet; point at a build folder")
-    train = [r for shard in sorted(Path(args.path).glob("partitions/*/train.parquet")) for r in io.read_records(shard)]
-    Console().print(baselines.baseline_table(io.read_records(test_file), train))
+    train = [
+        r for shard in sorted(Path(args.path).glob("partitions/*/train.parquet")) for r in store.read_records(shard)
+    ]
+    Console().print(baselines.baseline_table(store.read_records(test_file), train))
     return 0

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from chemfl.data_prep import io
+from chemfl import files
+from chemfl.data_prep import store
 from chemfl.data_prep.build import verify_build
 from chemfl.errors import ChemFLError
 
@@ -29,10 +30,10 @@ def shard_dir_for(data_path: str, node_config: dict) -> Path:
             "this SuperNode has neither a data-path nor a partition-id in its node config; "
             "start it with --node-config 'data-path=/path/to/partitions/<facility>'"
         )
-    manifest_path = Path(data_path) / io.MANIFEST
+    manifest_path = Path(data_path) / store.MANIFEST
     if not manifest_path.is_file():
         raise ChemFLError(f"no dataset at data.path = {data_path}; run: chemfl data build --run-config <recipe>")
-    manifest = io.read_json(manifest_path)
+    manifest = files.read_json(manifest_path)
     facilities = manifest["facilities"]
     partition_id, num_partitions = (
         int(node_config["partition-id"]),
@@ -48,9 +49,9 @@ def shard_dir_for(data_path: str, node_config: dict) -> Path:
 
 def load_shard(folder: Path) -> Shard:
     """A facility's shard, checked against its shard.json before any record is used."""
-    if not (folder / io.SHARD_MANIFEST).is_file():
+    if not (folder / store.SHARD_MANIFEST).is_file():
         raise ChemFLError(
-            f"{folder} is not a ChemFL shard (no {io.SHARD_MANIFEST}); point data-path at "
+            f"{folder} is not a ChemFL shard (no {store.SHARD_MANIFEST}); point data-path at "
             "partitions/<facility> of a build"
         )
     problems = verify_build(folder)
@@ -58,11 +59,11 @@ def load_shard(folder: Path) -> Shard:
         raise ChemFLError(
             f"shard {folder} does not match its manifest ({'; '.join(problems)}); copy it again from the build"
         )
-    manifest = io.read_json(folder / io.SHARD_MANIFEST)
+    manifest = files.read_json(folder / store.SHARD_MANIFEST)
     return Shard(
         manifest["facility"],
         int(manifest["partition_id"]),
         manifest["build_id"],
-        io.read_records(folder / "train.parquet"),
-        io.read_records(folder / "validation.parquet"),
+        store.read_records(folder / "train.parquet"),
+        store.read_records(folder / "validation.parquet"),
     )

@@ -14,6 +14,7 @@ import numpy as np
 
 from chemfl.config import Scalar, parse_facility_numbers
 from chemfl.errors import ChemFLError
+from chemfl.hpc.launch_log import queue_waits
 
 PER_FACILITY_KEYS = (
     "emulation.seconds-per-step",
@@ -115,8 +116,6 @@ class CampaignSpec:
 
 def read_trace(path: Path, facilities: tuple[str, ...]) -> dict[str, list[float]]:
     """Queue waits per facility from a launcher `launch.jsonl` (started - submitted per job)."""
-    from chemfl.launcher.watch import queue_waits
-
     if not path.is_file():
         raise ChemFLError(
             f"emulation.queue-trace = {str(path)!r} does not exist; point it at a launch.jsonl "

@@ -22,11 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
-from flwr.app import Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from chemfl import protocol
 from chemfl.emulation.campaign import CampaignSpec
 from chemfl.errors import ChemFLError
+from chemfl.protocol import JobLine, NodeInfo, Task, TrainReport, task_local_steps
 
 NODE_UNAVAILABLE = 5  # flwr.common.constant.ErrorCode.NODE_UNAVAILABLE: what a vanished SuperNode produces
 
@@ -44,7 +46,7 @@ class Job:
 
 
 @dataclass
-class Task:
+class VirtualTask:
     node_id: int  # virtual
     facility: str
     message_id: str
@@ -78,13 +80,13 @@ def discover_facilities(grid: Grid, expected: int, timeout: float = 120.0, poll:
             "(chemfl simulate does by default)"
         )
     replies = grid.send_and_receive(
-        [Message(RecordDict(), dst_node_id=node, message_type="query") for node in node_ids], timeout=timeout
+        [Message(RecordDict(), dst_node_id=node, message_type=protocol.QUERY) for node in node_ids], timeout=timeout
     )
     facility_of = {}
     for reply in replies:
         if reply.has_error():
             raise ChemFLError(f"SuperNode {reply.metadata.src_node_id} did not say its facility: {reply.error.reason}")
-        facility_of[reply.metadata.src_node_id] = str(reply.content["node"]["facility"])
+        facility_of[reply.metadata.src_node_id] = NodeInfo.from_record(reply.content[protocol.NODE]).facility
     return facility_of
 
 
@@ -98,7 +100,7 @@ class EmulatedGrid:
     poll_seconds: float = 0.05
     now: float = 0.0
     jobs: dict[str, Job] = field(default_factory=dict)
-    in_flight: dict[str, Task] = field(default_factory=dict)  # by message id
+    in_flight: dict[str, VirtualTask] = field(default_factory=dict)  # by message id
     arrived: dict[str, Message] = field(default_factory=dict)  # real replies waiting for their turn
     _events: list = field(default_factory=list)
     _seq: itertools.count = field(default_factory=itertools.count)
@@ -149,17 +151,8 @@ class EmulatedGrid:
     def finish(self) -> None:
         """Close the books: running jobs end now (for node-hour accounting)."""
         for name, job in self.jobs.items():
-            self.record(
-                {
-                    "event": "job",
-                    "facility": name,
-                    "job": job.index,
-                    "state": "ended",
-                    "time": self.now,
-                    "nodes": 1,
-                    "reason": "campaign end" if job.running else "campaign end (still queued)",
-                }
-            )
+            reason = "campaign end" if job.running else "campaign end (still queued)"
+            self._record_job(name, job.index, "ended", reason)
 
     # --- tasks ---------------------------------------------------------------------------------
 
@@ -170,9 +163,9 @@ class EmulatedGrid:
         if not job.running:
             raise ChemFLError(f"dispatched to {facility}, whose emulated batch job is not running")
         model = self.campaign.facility(facility)
-        config = message.content["config"]
-        steps = int(config.get("local-steps", self.default_steps))
-        adapter_bytes = message.content["arrays"].count_bytes()
+        task = Task.from_config(message.content[protocol.CONFIG])
+        steps = task_local_steps(task.local_steps, self.default_steps)
+        adapter_bytes = message.content[protocol.ARRAYS].count_bytes()
         duration = (
             (model.startup_seconds if job.tasks == 0 else 0.0)
             + self.campaign.task_overhead_seconds
@@ -185,10 +178,10 @@ class EmulatedGrid:
         if done <= job.end:
             message.metadata.dst_node_id = self.real_node_of[facility]
             [real_id] = list(self.grid.push_messages([message]))
-            self.in_flight[message_id] = Task(node_id, facility, message_id, real_id, steps)
+            self.in_flight[message_id] = VirtualTask(node_id, facility, message_id, real_id, steps)
             self._schedule(done, COMPLETION, message_id)
         else:  # cannot finish before the walltime: lost when the job ends, so not trained at all
-            self.in_flight[message_id] = Task(node_id, facility, message_id, None, steps)
+            self.in_flight[message_id] = VirtualTask(node_id, facility, message_id, None, steps)
             self._schedule(job.end, LOSS, message_id)
         return message_id
 
@@ -206,14 +199,19 @@ class EmulatedGrid:
         """The next event is a completion whose real reply has not been collected yet."""
         return bool(self._events) and self._events[0][1] == COMPLETION and self._events[0][3] not in self.arrived
 
-    def _complete(self, task: Task) -> EmulatedReply:
+    def _complete(self, task: VirtualTask) -> EmulatedReply:
         real = self.arrived.pop(task.message_id)
         metadata = SimpleNamespace(src_node_id=task.node_id, reply_to_message_id=task.message_id)
         if real.has_error():
             return EmulatedReply(metadata, error=SimpleNamespace(code=real.error.code, reason=real.error.reason))
         content = real.content
-        content["metrics"]["seconds"] = task.steps * self.campaign.facility(task.facility).seconds_per_step
-        content["node"]["walltime-remaining"] = self.jobs[task.facility].end - self.now
+        # The virtual clock's training time and walltime left, as a SuperNode in that job would report.
+        virtual_seconds = task.steps * self.campaign.facility(task.facility).seconds_per_step
+        content[protocol.METRICS][TrainReport.KEYS["seconds"]] = virtual_seconds
+        node = NodeInfo.from_record(content[protocol.NODE])
+        content[protocol.NODE] = ConfigRecord(
+            NodeInfo(node.facility, self.jobs[task.facility].end - self.now).to_record()
+        )
         return EmulatedReply(metadata, content=content)
 
     # --- events --------------------------------------------------------------------------------
@@ -245,20 +243,19 @@ class EmulatedGrid:
     def _queue_job(self, facility: str, index: int, queued: float) -> None:
         start = queued + self.campaign.queue_wait(facility, index)
         self.jobs[facility] = Job(index, start)
-        self.record({"event": "job", "facility": facility, "job": index, "state": "queued", "time": queued, "nodes": 1})
+        self.record(protocol.to_json(JobLine(facility, index, "queued", queued)))
         self._schedule(start, JOB_START, facility)
 
     def _start_job(self, facility: str) -> None:
         job = self.jobs[facility]
         job.running, job.end = True, job.start + self.campaign.facility(facility).walltime
-        self.record(
-            {"event": "job", "facility": facility, "job": job.index, "state": "running", "time": self.now, "nodes": 1}
-        )
+        self._record_job(facility, job.index, "running")
         self._schedule(job.end, JOB_END, facility)
 
     def _end_job(self, facility: str) -> None:
         job = self.jobs[facility]
-        self.record(
-            {"event": "job", "facility": facility, "job": job.index, "state": "ended", "time": self.now, "nodes": 1}
-        )
+        self._record_job(facility, job.index, "ended")
         self._queue_job(facility, job.index + 1, self.now)  # the launcher resubmits at once
+
+    def _record_job(self, facility: str, index: int, state: str, reason: str | None = None) -> None:
+        self.record(protocol.to_json(JobLine(facility, index, state, self.now, reason=reason)))

@@ -233,83 +233,21 @@ def _facility(name: str, table: dict[str, Any]) -> Facility:
     profile = _profile(table, where)
     _reject_unknown_keys(table, FACILITY_KEYS | (GENERIC_PROFILE_KEYS if profile.generic else set()), where)
     is_local = profile.scheduler == "local"
-
-    account = _get(table, "account", str, "", where)
-    if not account and not is_local:
-        raise ChemFLError(f'{where}: no account; add account = "<your project>" (the allocation jobs are charged to)')
-    if account and not WORD.match(account):
-        raise ChemFLError(
-            f'{where}: account "{account}" has characters a directive cannot carry; '
-            "use the project name exactly as the scheduler knows it"
-        )
+    account = _account(table, is_local, where)
     queue = _get(table, "queue", str, profile.default_queue, where)
     if queue and not WORD.match(queue):
         raise ChemFLError(f'{where}: queue "{queue}" is not a queue name; use letters, digits, ".", "-", "_"')
-
-    nodes = _get(table, "nodes", int, 1, where)
-    if nodes < 1:
-        raise ChemFLError(f"{where}: nodes = {nodes}; a job needs at least one node, set nodes = 1 or more")
-    if is_local and nodes > 1:
-        raise ChemFLError(
-            f"{where}: profile local runs on this one machine, so nodes = {nodes} is impossible; "
-            "set nodes = 1 (and raise supernodes-per-node for more SuperNodes)"
-        )
-
+    nodes = _nodes(table, is_local, where)
     walltime_seconds = _walltime(table, profile, queue, where)
-    supernodes_per_node = _get(table, "supernodes-per-node", int, profile.gpus_per_node, where)
-    if not 1 <= supernodes_per_node <= profile.gpus_per_node:
-        raise ChemFLError(
-            f"{where}: supernodes-per-node = {supernodes_per_node}, but a {profile.name} node has "
-            f"{profile.gpus_per_node} {profile.device}(s) and each SuperNode gets its own; "
-            f"set it between 1 and {profile.gpus_per_node}"
-        )
-
-    directives = _strings(table, "directives", (), where)
-    if directives and is_local:
-        raise ChemFLError(f"{where}: profile local has no scheduler to read directives; remove directives")
-    for line in directives:
-        if not line.startswith("-"):
-            raise ChemFLError(
-                f'{where}: directive "{line}" should be the option alone, e.g. "-l place=scatter" '
-                'or "--mail-type=END"; the #PBS / #SBATCH prefix is added'
-            )
-
+    supernodes_per_node = _supernodes_per_node(table, profile, where)
+    directives = _directives(table, is_local, where)
     proxy = _get(table, "proxy", str, profile.default_proxy, where)
     if proxy and not re.match(r"^https?://[^\s'\"\\`]+$", proxy):
         raise ChemFLError(
             f'{where}: proxy "{proxy}" is not a URL; write it like "http://proxy.example.org:3128", or "" for none'
         )
-
-    data_path = _path(table, "data-path", None, where)
-    if is_local:  # on this machine: check it, and make it absolute so the script runs from anywhere
-        folder = Path(os.path.expandvars(os.path.expanduser(data_path)))
-        if not folder.is_dir():
-            raise ChemFLError(
-                f'{where}: data-path "{data_path}" is not a folder on this machine; build the '
-                "partitions (chemfl data build) and point data-path at this facility's shard folder"
-            )
-        data_path = _quotable(str(folder.resolve()), "data-path", where)
-
-    backend = _get(table, "backend", str, "cli", where)
-    if backend not in BACKENDS:
-        raise ChemFLError(f'{where}: backend "{backend}" is unknown; use one of {", ".join(BACKENDS)}')
-    globus_endpoint = _get(table, "globus-endpoint", str, "", where)
-    if backend == "globus":
-        if is_local:
-            raise ChemFLError(f'{where}: profile local runs with bash on this machine; set backend = "cli"')
-        if not globus_endpoint:
-            raise ChemFLError(
-                f'{where}: backend = "globus" needs the endpoint to run on; add '
-                'globus-endpoint = "<endpoint UUID>" (globus-compute-endpoint list shows it)'
-            )
-        try:
-            uuid.UUID(globus_endpoint)
-        except ValueError:
-            raise ChemFLError(
-                f'{where}: globus-endpoint "{globus_endpoint}" is not an endpoint id (a UUID); '
-                "copy it from globus-compute-endpoint list"
-            ) from None
-
+    data_path = _data_path(table, is_local, where)
+    backend, globus_endpoint = _backend(table, is_local, where)
     max_resubmits = _get(table, "max-resubmits", int, 3, where)
     backoff = _get(table, "resubmit-backoff", (int, float), 60, where)
     if max_resubmits < 0 or backoff < 0:
@@ -333,6 +271,96 @@ def _facility(name: str, table: dict[str, Any]) -> Facility:
         resubmit_backoff_seconds=float(backoff),
         directives=directives,
     )
+
+
+def _account(table: dict[str, Any], is_local: bool, where: str) -> str:
+    """The allocation jobs are charged to: every scheduler needs one, and it sits bare on a directive line."""
+    account = _get(table, "account", str, "", where)
+    if not account and not is_local:
+        raise ChemFLError(f'{where}: no account; add account = "<your project>" (the allocation jobs are charged to)')
+    if account and not WORD.match(account):
+        raise ChemFLError(
+            f'{where}: account "{account}" has characters a directive cannot carry; '
+            "use the project name exactly as the scheduler knows it"
+        )
+    return account
+
+
+def _nodes(table: dict[str, Any], is_local: bool, where: str) -> int:
+    nodes = _get(table, "nodes", int, 1, where)
+    if nodes < 1:
+        raise ChemFLError(f"{where}: nodes = {nodes}; a job needs at least one node, set nodes = 1 or more")
+    if is_local and nodes > 1:
+        raise ChemFLError(
+            f"{where}: profile local runs on this one machine, so nodes = {nodes} is impossible; "
+            "set nodes = 1 (and raise supernodes-per-node for more SuperNodes)"
+        )
+    return nodes
+
+
+def _supernodes_per_node(table: dict[str, Any], profile: Profile, where: str) -> int:
+    """At most one SuperNode per GPU (tile, GCD): each is pinned to its own."""
+    supernodes_per_node = _get(table, "supernodes-per-node", int, profile.gpus_per_node, where)
+    if not 1 <= supernodes_per_node <= profile.gpus_per_node:
+        raise ChemFLError(
+            f"{where}: supernodes-per-node = {supernodes_per_node}, but a {profile.name} node has "
+            f"{profile.gpus_per_node} {profile.device}(s) and each SuperNode gets its own; "
+            f"set it between 1 and {profile.gpus_per_node}"
+        )
+    return supernodes_per_node
+
+
+def _directives(table: dict[str, Any], is_local: bool, where: str) -> tuple[str, ...]:
+    """Extra scheduler options, given without the #PBS / #SBATCH prefix the template adds."""
+    directives = _strings(table, "directives", (), where)
+    if directives and is_local:
+        raise ChemFLError(f"{where}: profile local has no scheduler to read directives; remove directives")
+    for line in directives:
+        if not line.startswith("-"):
+            raise ChemFLError(
+                f'{where}: directive "{line}" should be the option alone, e.g. "-l place=scatter" '
+                'or "--mail-type=END"; the #PBS / #SBATCH prefix is added'
+            )
+    return directives
+
+
+def _data_path(table: dict[str, Any], is_local: bool, where: str) -> str:
+    """The shard folder at the facility; a local one is on this machine, so it is checked and made absolute
+    (the script then runs from anywhere)."""
+    data_path = _path(table, "data-path", None, where)
+    if not is_local:
+        return data_path
+    folder = Path(os.path.expandvars(os.path.expanduser(data_path)))
+    if not folder.is_dir():
+        raise ChemFLError(
+            f'{where}: data-path "{data_path}" is not a folder on this machine; build the '
+            "partitions (chemfl data build) and point data-path at this facility's shard folder"
+        )
+    return _quotable(str(folder.resolve()), "data-path", where)
+
+
+def _backend(table: dict[str, Any], is_local: bool, where: str) -> tuple[str, str]:
+    """(backend, globus-endpoint): a Globus facility must name the endpoint its jobs go to."""
+    backend = _get(table, "backend", str, "cli", where)
+    if backend not in BACKENDS:
+        raise ChemFLError(f'{where}: backend "{backend}" is unknown; use one of {", ".join(BACKENDS)}')
+    globus_endpoint = _get(table, "globus-endpoint", str, "", where)
+    if backend == "globus":
+        if is_local:
+            raise ChemFLError(f'{where}: profile local runs with bash on this machine; set backend = "cli"')
+        if not globus_endpoint:
+            raise ChemFLError(
+                f'{where}: backend = "globus" needs the endpoint to run on; add '
+                'globus-endpoint = "<endpoint UUID>" (globus-compute-endpoint list shows it)'
+            )
+        try:
+            uuid.UUID(globus_endpoint)
+        except ValueError:
+            raise ChemFLError(
+                f'{where}: globus-endpoint "{globus_endpoint}" is not an endpoint id (a UUID); '
+                "copy it from globus-compute-endpoint list"
+            ) from None
+    return backend, globus_endpoint
 
 
 def _profile(table: dict[str, Any], where: str) -> Profile:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 from dataclasses import dataclass, field
@@ -24,11 +23,10 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from chemfl.errors import ChemFLError
+from chemfl.hpc.commands import require_on_path, run_command
+from chemfl.hpc.walltime import parse_pbs_attributes
 
 JobState = Literal["queued", "running", "ended"]
-
-# Seconds a scheduler command may take before we call the query failed (the watcher retries later).
-COMMAND_TIMEOUT_SECONDS = 60
 
 
 @dataclass(frozen=True)
@@ -80,27 +78,6 @@ class Scheduler(Protocol):
     def exit_code(self, job_id: str) -> int | None: ...
 
 
-def require_on_path(command: str) -> str:
-    """The full path of `command`, or a ChemFLError saying where chemfl launch has to run."""
-    path = shutil.which(command)
-    if path is None:
-        raise ChemFLError(
-            f"`{command}` is not on PATH: run chemfl launch on the facility's login node, or use backend = globus"
-        )
-    return path
-
-
-def run_command(argv: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run a scheduler command, capturing its output; a missing command or a hang is a ChemFLError."""
-    require_on_path(argv[0])
-    try:
-        return subprocess.run(
-            argv, cwd=cwd, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_SECONDS, check=False
-        )
-    except subprocess.TimeoutExpired as error:
-        raise ChemFLError(f"`{' '.join(argv)}` did not answer within {COMMAND_TIMEOUT_SECONDS} s") from error
-
-
 def command_failure(argv: list[str], result: subprocess.CompletedProcess[str]) -> ChemFLError:
     stderr = result.stderr.strip() or result.stdout.strip() or "(no output)"
     return ChemFLError(f"`{' '.join(argv)}` failed with exit code {result.returncode}: {stderr}")
@@ -127,53 +104,6 @@ PBS_RUNNING = frozenset("RSUB")  # running, suspended, suspended by keyboard act
 PBS_ENDED = frozenset("EFX")  # exiting (the payload has stopped), finished, subjob finished
 # qstat/qdel say one of these when the server no longer holds the job: it has ended.
 PBS_GONE = ("Unknown Job Id", "Job has finished")
-
-
-def parse_pbs_attributes(qstat_f: str) -> dict[str, str]:
-    """`qstat -f` text -> {attribute: value}; PBS wraps long values onto lines starting with a tab."""
-    attributes: dict[str, str] = {}
-    last_key = ""
-    for line in qstat_f.splitlines():
-        if line.startswith("\t") and last_key:
-            attributes[last_key] += line.strip()
-            continue
-        key, equals, value = line.partition(" = ")
-        if equals:
-            last_key = key.strip()
-            attributes[last_key] = value.strip()
-    return attributes
-
-
-def parse_pbs_duration(text: str) -> float:
-    """PBS walltime "[[HH:]MM:]SS" (hours may exceed 24) -> seconds."""
-    seconds = 0.0
-    for part in text.strip().split(":"):
-        seconds = seconds * 60 + float(part)
-    return seconds
-
-
-def parse_pbs_remaining_walltime(qstat_f: str) -> float | None:
-    """Resource_List.walltime minus resources_used.walltime from `qstat -f` text (None: no limit shown).
-
-    PBS refreshes resources_used only every few minutes, so this errs on the side of more time left.
-    """
-    attributes = parse_pbs_attributes(qstat_f)
-    limit = attributes.get("Resource_List.walltime")
-    if limit is None:
-        return None
-    used = parse_pbs_duration(attributes.get("resources_used.walltime", "0"))
-    return max(0.0, parse_pbs_duration(limit) - used)
-
-
-def pbs_remaining_walltime(job_id: str) -> float | None:
-    """Seconds left to PBS job `job_id` (e.g. $PBS_JOBID from inside the job); None when qstat cannot say."""
-    try:
-        result = run_command(["qstat", "-f", job_id])
-    except ChemFLError:
-        return None
-    if result.returncode != 0:
-        return None
-    return parse_pbs_remaining_walltime(result.stdout)
 
 
 def pbs_job_state(attributes: dict[str, str]) -> JobState:

@@ -47,8 +47,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from chemfl.data_prep.io import write_file_atomically
 from chemfl.errors import ChemFLError
+from chemfl.files import write_file_atomically
 
 # flwr 1.41: SUPERLINK_UVICORN_DEFAULT_PORT (flwr/supercore/constant.py). One port for all APIs.
 SUPERLINK_DEFAULT_PORT = 8000
@@ -161,90 +161,91 @@ def make_certificates(
     paths = CertificatePaths(out_dir / CA_CERT, out_dir / CA_KEY, out_dir / SERVER_CERT, out_dir / SERVER_KEY)
     names = _san_hosts(hosts)
     now = dt.datetime.now(dt.UTC)
-    pem = serialization.Encoding.PEM
-
-    def key_bytes(key: ec.EllipticCurvePrivateKey) -> bytes:
-        return key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-
     if paths.ca_cert.exists() and not replace_ca:
         ca_cert, ca_key = _load_ca(paths)
     else:
         ca_key = ec.generate_private_key(ec.SECP384R1())
-        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "chemfl SuperLink CA")])
-        ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
-        ca_cert = (
-            x509.CertificateBuilder()
-            .subject_name(ca_name)
-            .issuer_name(ca_name)
-            .public_key(ca_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - CLOCK_SKEW)
-            .not_valid_after(now + dt.timedelta(days=CA_DAYS))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=False,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(ca_ski, critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
-                critical=False,
-            )
-            .sign(ca_key, hashes.SHA384())
-        )
+        ca_cert = _ca_certificate(ca_key, now)
         # Key first: a crash in between leaves no CA certificate without its key.
-        write_file_atomically(paths.ca_key, key_bytes(ca_key), 0o600)
-        write_file_atomically(paths.ca_cert, ca_cert.public_bytes(pem), 0o644)
-
+        write_file_atomically(paths.ca_key, _private_key_pem(ca_key), 0o600)
+        write_file_atomically(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
     server_key = ec.generate_private_key(ec.SECP384R1())
+    server_cert = _server_certificate(server_key, names, ca_cert, ca_key, now, server_days)
+    write_file_atomically(paths.server_key, _private_key_pem(server_key), 0o600)
+    write_file_atomically(paths.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    return paths
+
+
+def _private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _key_usage(*granted: str) -> x509.KeyUsage:
+    """x509.KeyUsage with only the `granted` usages set (it wants every one spelled out)."""
+    usages = (
+        "digital_signature",
+        "content_commitment",
+        "key_encipherment",
+        "data_encipherment",
+        "key_agreement",
+        "key_cert_sign",
+        "crl_sign",
+        "encipher_only",
+        "decipher_only",
+    )
+    return x509.KeyUsage(**{**dict.fromkeys(usages, False), **dict.fromkeys(granted, True)})
+
+
+def _ca_certificate(ca_key: ec.EllipticCurvePrivateKey, now: dt.datetime) -> x509.Certificate:
+    """A CA that may sign server certificates only (path length 0), valid CA_DAYS."""
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "chemfl SuperLink CA")])
+    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+    return (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(now + dt.timedelta(days=CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage("key_cert_sign", "crl_sign"), critical=True)
+        .add_extension(ca_ski, critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
+
+
+def _server_certificate(
+    server_key: ec.EllipticCurvePrivateKey,
+    names: list[str],
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    now: dt.datetime,
+    days: int,
+) -> x509.Certificate:
+    """A TLS server certificate for every one of `names`, signed by the CA and expiring no later than it."""
     sans: list[x509.GeneralName] = [
         x509.IPAddress(ipaddress.ip_address(h)) if _is_ip(h) else x509.DNSName(h) for h in names
     ]
-    server_cert = (
+    return (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
         .issuer_name(ca_cert.subject)
         .public_key(server_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - CLOCK_SKEW)
-        .not_valid_after(min(now + dt.timedelta(days=server_days), ca_cert.not_valid_after_utc))
+        .not_valid_after(min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc))
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=True,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage("digital_signature", "key_agreement"), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(server_key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA384())
     )
-    write_file_atomically(paths.server_key, key_bytes(server_key), 0o600)
-    write_file_atomically(paths.server_cert, server_cert.public_bytes(pem), 0o644)
-    return paths
 
 
 def _san_hosts(hosts: Iterable[str]) -> list[str]:

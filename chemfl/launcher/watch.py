@@ -2,31 +2,7 @@
 
 Files in the launch directory
 -----------------------------
-launch.jsonl        every event, appended as it happens (by the watcher, and by `stop` from another
-                    process), one JSON object per line. Every line has:
-    time      float: epoch seconds (the watcher's clock) when the event was seen
-    event     "submitted" | "started" | "ended" | "resubmitted" | "gave-up" | "cancelled" | "error"
-    facility  str
-    backend   "pbs" | "slurm" | "local" | "globus"
-    job_id    str, or null where no job is concerned (a failed submission; a "cancelled" facility
-              that was waiting to resubmit)
-    attempt   int: 0 for a facility's first submission, n for its n-th resubmission (a failed
-              submission uses up its attempt too)
-  and per event:
-    submitted    attempt 0 was accepted; job_id is the new job's
-    resubmitted  attempt n >= 1 was accepted; job_id is the new job's; delay_seconds: the backoff waited
-    started      the job was first seen running; queue_wait_seconds = this time - its submission's time
-    ended        the job was first seen gone; ran_seconds = this time - its "started" time (null if it
-                 was never seen running); resubmit_at: epoch seconds of the planned resubmission (null
-                 when giving up); exit_code, stderr_tail, error, task_id where the backend knows them
-    gave-up      follows the "ended" or "error" that used up the last attempt (attempt == max_resubmits)
-    cancelled    `stop` cancelled the facility; note: the backend's remark ("" or why it could not)
-    error        message: what failed. A failed submission also has resubmit_at (and may be followed by
-                 "gave-up"); a failed state query changes nothing (the job is asked again next poll)
-  One job (facility, job_id) goes submitted|resubmitted, then at most one started, then ended or
-  cancelled. States are sampled once per poll (poll_seconds), so "started" and "ended" are late by
-  up to one poll. For backend "globus", "started" follows "submitted" at once: the endpoint queues
-  the batch job out of sight, so there is no queue wait to observe (`queue_waits` leaves it out).
+launch.jsonl        every event, one JSON object per line: the format is chemfl.hpc.launch_log's.
 launch-state.json   the current picture, rewritten (temp file + rename) after every poll:
     {"watcher_pid": int | null (null once the watcher has exited), "updated": float,
      "facilities": {facility: {"backend", "job_id", "state", "attempt", "resubmit_at",
@@ -46,8 +22,18 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from chemfl.data_prep.io import write_file_atomically
 from chemfl.errors import ChemFLError
+from chemfl.files import write_file_atomically
+from chemfl.hpc.launch_log import (
+    CANCELLED,
+    ENDED,
+    ERROR,
+    GAVE_UP,
+    RESUBMITTED,
+    STARTED,
+    SUBMITTED,
+    append_event,
+)
 from chemfl.launcher.globus import GlobusBackend
 from chemfl.launcher.schedulers import (
     Backend,
@@ -61,13 +47,11 @@ from chemfl.launcher.schedulers import (
 
 logger = logging.getLogger(__name__)
 
-EVENTS_FILE = "launch.jsonl"
 STATE_FILE = "launch-state.json"
 STOP_FILE = "launch.stop"
 
 LIVE_STATES = ("queued", "running")
 FINAL_STATES = ("gave-up", "cancelled")
-SUBMISSION_EVENTS = ("submitted", "resubmitted")
 # How often a napping watcher looks for the stop file, and `stop` for the watcher's exit.
 STOP_CHECK_SECONDS = 1.0
 STOP_WAIT_POLL_SECONDS = 0.5
@@ -102,23 +86,6 @@ def describe(error: Exception) -> str:
 # --- the launch directory's files ------------------------------------------------------------------
 
 
-def append_event(launch_dir: Path, event: dict) -> None:
-    # One short write on an O_APPEND file, so lines from the watcher and from `stop` never interleave.
-    with (Path(launch_dir) / EVENTS_FILE).open("a", encoding="utf-8") as file:
-        file.write(json.dumps(event) + "\n")
-
-
-def read_events(path: Path) -> list[dict]:
-    """The events of a launch.jsonl, skipping a line torn by a watcher killed while writing it."""
-    events = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return events
-
-
 def write_state(launch_dir: Path, state: dict) -> None:
     # Readers in other processes see the old file or the new, never half.
     write_file_atomically(Path(launch_dir) / STATE_FILE, json.dumps(state, indent=2))
@@ -129,25 +96,6 @@ def read_state(launch_dir: Path) -> dict:
     if not path.is_file():
         raise ChemFLError(f"no launch in {launch_dir} (no {STATE_FILE}); start one with chemfl launch")
     return json.loads(path.read_text(encoding="utf-8"))
-
-
-def queue_waits(path: Path) -> dict[str, list[float]]:
-    """launch.jsonl -> {facility: [started - submitted seconds, per job seen running, in order]}.
-
-    Globus facilities are left out (their queue wait happens out of sight, inside the endpoint).
-    """
-    submitted_at: dict[tuple[str, str], float] = {}
-    waits: dict[str, list[float]] = {}
-    for event in read_events(path):
-        if event["backend"] == "globus":
-            continue
-        key = (event["facility"], event["job_id"])
-        if event["event"] in SUBMISSION_EVENTS:
-            submitted_at[key] = event["time"]
-            waits.setdefault(event["facility"], [])
-        elif event["event"] == "started" and key in submitted_at:
-            waits[event["facility"]].append(event["time"] - submitted_at.pop(key))
-    return waits
 
 
 # --- the watcher -----------------------------------------------------------------------------------
@@ -272,23 +220,23 @@ class Watcher:
         except Exception as error:  # the watcher outlives any one failure; the error is logged
             job.job_id = None
             resubmit_at = self.plan_resubmission(job, now, early=True)
-            self.record("error", job, now, message=describe(error), resubmit_at=resubmit_at)
+            self.record(ERROR, job, now, message=describe(error), resubmit_at=resubmit_at)
             if resubmit_at is None:
-                self.record("gave-up", job, now)
+                self.record(GAVE_UP, job, now)
             return
         job.job_id, job.state, job.submitted_at = job_id, "queued", now
         job.started_at = job.resubmit_at = None
         if job.attempt == 0:
-            self.record("submitted", job, now)
+            self.record(SUBMITTED, job, now)
         else:
-            self.record("resubmitted", job, now, delay_seconds=job.backoff_seconds)
+            self.record(RESUBMITTED, job, now, delay_seconds=job.backoff_seconds)
 
     def follow(self, job: FacilityJob, now: float) -> None:
         backend = self.backends[job.backend]
         try:
             state = backend.state(job.job_id)
         except Exception as error:  # keep the last known state: never resubmit a job we merely lost sight of
-            self.record("error", job, now, message=describe(error))
+            self.record(ERROR, job, now, message=describe(error))
             return
         if state == "ended":
             ran_seconds = None if job.started_at is None else now - job.started_at
@@ -297,7 +245,7 @@ class Watcher:
             early = ran_seconds is None or ran_seconds < job.target.walltime_seconds / 2
             resubmit_at = self.plan_resubmission(job, now, early)
             self.record(
-                "ended",
+                ENDED,
                 job,
                 now,
                 ran_seconds=ran_seconds,
@@ -305,11 +253,11 @@ class Watcher:
                 **backend.end_details(job.job_id),
             )
             if resubmit_at is None:
-                self.record("gave-up", job, now)
+                self.record(GAVE_UP, job, now)
             return
         if state == "running" and job.started_at is None:
             job.started_at = now
-            self.record("started", job, now, queue_wait_seconds=now - job.submitted_at)
+            self.record(STARTED, job, now, queue_wait_seconds=now - job.submitted_at)
         job.state = state
 
     def plan_resubmission(self, job: FacilityJob, now: float, early: bool) -> float | None:
@@ -336,7 +284,7 @@ class Watcher:
         }
         append_event(self.launch_dir, entry)
         job.last_event, job.last_event_time = event, now
-        level = logging.WARNING if event in ("error", "gave-up") else logging.INFO
+        level = logging.WARNING if event in (ERROR, GAVE_UP) else logging.INFO
         logger.log(
             level, "%s: %s (job %s, attempt %d) %s", job.target.facility, event, job.job_id, job.attempt, fields or ""
         )
@@ -418,7 +366,7 @@ def stop(
                 note = f"cancel failed: {describe(error)}"
         event = {
             "time": now,
-            "event": "cancelled",
+            "event": CANCELLED,
             "facility": facility,
             "backend": entry["backend"],
             "job_id": job_id,
@@ -426,7 +374,7 @@ def stop(
             "note": note,
         }
         append_event(launch_dir, event)
-        entry.update(state="cancelled", resubmit_at=None, last_event="cancelled", last_event_time=now)
+        entry.update(state="cancelled", resubmit_at=None, last_event=CANCELLED, last_event_time=now)
         events.append(event)
     write_state(launch_dir, state)
     return events

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from chemfl.data_prep import io
+from chemfl import files
 from chemfl.errors import ChemFLError
 from chemfl.llm.model import LoraSpec
 
@@ -108,11 +108,11 @@ def frozen_a_digest(peft_model) -> str:
 
 def save_adapter(peft_model, folder: Path) -> Path:
     """PEFT-format adapter at `folder` (written beside it, then renamed into place)."""
-    staging = io.staging_dir(Path(folder))
+    staging = files.staging_dir(Path(folder))
     try:
         # LoRA never changes the base embeddings (even with lm_head as a target): do not copy them.
         peft_model.save_pretrained(str(staging), save_embedding_layers=False)
-        io.replace_dir(staging, Path(folder))
+        files.replace_dir(staging, Path(folder))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

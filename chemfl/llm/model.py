@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
+from chemfl import files
 from chemfl.config import Scalar, split_list
-from chemfl.data_prep import io
 from chemfl.errors import ChemFLError
 
 PACKAGE_PREFIX = "pkg:"
@@ -127,7 +127,7 @@ def materialize_gguf(location: str, gguf: str, cache_dir: str) -> Path:
     target = Path(cache_dir).expanduser() / "models" / f"{Path(gguf).stem}-{_cache_key(location, gguf)}"
     if (target / "model.safetensors").is_file():
         return target
-    staging = io.staging_dir(target)
+    staging = files.staging_dir(target)
     try:
         model = AutoModelForCausalLM.from_pretrained(location, gguf_file=gguf, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(location, gguf_file=gguf)

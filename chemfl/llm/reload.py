@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from chemfl.config import Scalar
-from chemfl.data_prep import io
+from chemfl.data_prep import store
 from chemfl.errors import ChemFLError
 from chemfl.llm.evaluation import EvalSpec, evaluate
 from chemfl.llm.model import ModelSpec, load_base_model, pick_device
@@ -25,7 +25,7 @@ def evaluate_saved_adapter(adapter: Path, config: dict[str, Scalar]) -> dict:
     return evaluate(
         model,
         tokenizer,
-        io.read_records(test_file),
+        store.read_records(test_file),
         EvalSpec.from_config(config),
         int(config["train.max-length"]),
         str(config["model.system-prompt"]),

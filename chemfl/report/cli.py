@@ -48,7 +48,7 @@ def write_report(run_folders: Sequence[Path], out: Path, target: float | None, f
     """Reads the runs, draws the figures and writes summary.md into a staging folder, then renames
     it to `out`: an interrupted report never leaves a half-written folder behind."""
     # Imported here: matplotlib and the readers are not needed by the other `chemfl` commands.
-    from chemfl.data_prep.io import replace_dir, staging_dir
+    from chemfl.files import replace_dir, staging_dir
     from chemfl.report import plots
     from chemfl.report.runs import read_runs, run_labels, summarize, time_unit
     from chemfl.report.summary import render_summary

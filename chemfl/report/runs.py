@@ -12,13 +12,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from chemfl import protocol
 from chemfl.config import split_list
 from chemfl.errors import ChemFLError
 
 SECONDS_PER_HOUR = 3600.0
 HOURS_AXIS_AFTER_SECONDS = 2 * SECONDS_PER_HOUR  # longer spans are shown in hours
 UNKNOWN_FACILITY = "unknown"  # a node whose lines never name its facility
-JOB_STATE_FIELDS = {"queued": "queued", "running": "started", "ended": "ended"}  # job line state -> Job field
+JOB_STATE_FIELDS = dict(zip(protocol.JobLine.STATES, ("queued", "started", "ended"), strict=True))  # -> Job field
 
 
 @dataclass(frozen=True)
@@ -137,16 +138,17 @@ def read_run(folder: Path) -> Run:
                 f"({type(error).__name__}: {error})"
             ) from None
     reader.attribute_lost_work()
-    strategy = str(reader.run_line.get("strategy") or config.get("strategy.name") or "")
+    strategy = str((reader.run_line.strategy if reader.run_line else "") or config.get("strategy.name") or "")
     if not strategy:
         raise ChemFLError(f"{folder}: cannot tell the strategy (no config.json with strategy.name, no run line)")
+    run_facilities = reader.run_line.facilities if reader.run_line else {}
     end_time = max(reader.times, default=0.0)
     for job in reader.jobs.values():
         if job.ended is None:  # still queued or running when the log stops
             job.ended = end_time
     shapes = {
         name: FacilityShape(int(spec.get("nodes", 1)), int(spec.get("supernodes", 1)))
-        for name, spec in reader.run_line.get("facilities", {}).items()
+        for name, spec in run_facilities.items()
     }
     for job in reader.jobs.values():  # a facility the run line leaves out: one SuperNode per job
         shapes.setdefault(job.facility, FacilityShape(job.nodes, 1))
@@ -154,9 +156,9 @@ def read_run(folder: Path) -> Run:
     return Run(
         folder=folder,
         strategy=strategy,
-        campaign=str(reader.run_line.get("campaign", "")),
-        virtual_time=bool(reader.run_line.get("virtual_time", False)),
-        facilities=facility_order(reader.run_line.get("facilities", {}), configured, reader.facilities_met),
+        campaign=reader.run_line.campaign if reader.run_line else "",
+        virtual_time=bool(reader.run_line and reader.run_line.virtual_time),
+        facilities=facility_order(run_facilities, configured, reader.facilities_met),
         shapes=shapes,
         evaluations=sorted(reader.evaluations, key=lambda e: e.time),
         versions=reader.versions,
@@ -207,7 +209,7 @@ class _MetricsReader:
     """Folds metrics.jsonl lines into the parts of a Run; unknown events are skipped."""
 
     def __init__(self) -> None:
-        self.run_line: dict = {}
+        self.run_line: protocol.RunLine | None = None
         self.evaluations: list[Evaluation] = []
         self.updates: list[Update] = []
         self.lost: list[LostWork] = []
@@ -218,19 +220,18 @@ class _MetricsReader:
         self.times: list[float] = []
         self.facilities_met: list[str] = []
 
-    def add(self, line: dict) -> None:
-        # Round lines written before they carried an event key (outputs/laptop) have "round".
-        event = line.get("event", "round" if "round" in line else None)
+    def add(self, data: dict) -> None:
+        line = protocol.from_json(data)
         handlers = {
-            "run": self._run,
-            "round": self._round,
-            "version": self._version,
-            "update": self._update,
-            "lost": self._lost,
-            "job": self._job,
+            protocol.RunLine: self._run,
+            protocol.RoundLine: self._round,
+            protocol.VersionLine: self._version,
+            protocol.UpdateLine: self._update,
+            protocol.LostLine: self._lost,
+            protocol.JobLine: self._job,
         }
-        if event in handlers:
-            handlers[event](line)
+        if line is not None:
+            handlers[type(line)](line)
 
     def _met(self, facility: str | None) -> str:
         name = facility or UNKNOWN_FACILITY
@@ -243,52 +244,46 @@ class _MetricsReader:
         self.times.append(time)
         return time
 
-    def _run(self, line: dict) -> None:
+    def _run(self, line: protocol.RunLine) -> None:
         self.run_line = line
 
-    def _round(self, line: dict) -> None:
+    def _round(self, line: protocol.RoundLine) -> None:
         """Synchronous FedAvg: every facility listed trained on the round's model, so staleness 0."""
-        time = self._time(line["wall_time"])
-        self.versions = max(self.versions, int(line["round"]))
-        if "eval" in line:
-            self.evaluations.append(Evaluation(time, float(line["eval"]["loss"])))
-        for facility in line.get("facilities", []):
+        time = self._time(line.wall_time)
+        self.versions = max(self.versions, int(line.round))
+        if line.eval is not None:
+            self.evaluations.append(Evaluation(time, float(line.eval["loss"])))
+        for facility in line.facilities:
             self.updates.append(Update(self._met(facility), True, "", 0, time, None))
 
-    def _version(self, line: dict) -> None:
-        time = self._time(line["wall_time"])
-        self.versions = max(self.versions, int(line["version"]))
-        if line.get("eval_loss") is not None:
-            self.evaluations.append(Evaluation(time, float(line["eval_loss"])))
+    def _version(self, line: protocol.VersionLine) -> None:
+        time = self._time(line.wall_time)
+        self.versions = max(self.versions, int(line.version))
+        if line.eval_loss is not None:
+            self.evaluations.append(Evaluation(time, float(line.eval_loss)))
 
-    def _update(self, line: dict) -> None:
-        dispatch = line.get("dispatch_time")
-        if line["facility"] is not None:
-            self.facility_of_node[line["node"]] = line["facility"]
+    def _update(self, line: protocol.UpdateLine) -> None:
+        if line.facility is not None:
+            self.facility_of_node[line.node] = line.facility
         self.updates.append(
             Update(
-                self._met(line["facility"]),
-                bool(line["accepted"]),
-                str(line["reason"]),
-                int(line["staleness"]),
-                self._time(line["arrival_time"]),
-                None if dispatch is None else self._time(dispatch),
+                self._met(line.facility),
+                bool(line.accepted),
+                str(line.reason),
+                int(line.staleness),
+                self._time(line.arrival_time),
+                self._optional_time(line.dispatch_time),
             )
         )
 
-    def _lost(self, line: dict) -> None:
-        dispatch = line.get("dispatch_time")
-        self.lost_by_node.append(
-            (
-                line.get("node"),
-                LostWork(
-                    line["facility"] or "",
-                    str(line["reason"]),
-                    self._time(line["time"]),
-                    None if dispatch is None else self._time(dispatch),
-                ),
-            )
+    def _lost(self, line: protocol.LostLine) -> None:
+        work = LostWork(
+            line.facility or "", str(line.reason), self._time(line.time), self._optional_time(line.dispatch_time)
         )
+        self.lost_by_node.append((line.node, work))
+
+    def _optional_time(self, value) -> float | None:
+        return None if value is None else self._time(value)
 
     def attribute_lost_work(self) -> None:
         """Work lost before its node ever replied is logged without a facility: the node's update
@@ -297,12 +292,10 @@ class _MetricsReader:
             facility = work.facility or self.facility_of_node.get(node)
             self.lost.append(replace(work, facility=self._met(facility)))
 
-    def _job(self, line: dict) -> None:
-        facility, state, time = self._met(line["facility"]), line["state"], self._time(line["time"])
-        if state not in JOB_STATE_FIELDS:
-            raise ValueError(f"job state {state!r} is not one of {', '.join(JOB_STATE_FIELDS)}")
-        job = self.jobs.setdefault((facility, int(line["job"])), Job(facility, int(line["job"]), int(line["nodes"])))
-        setattr(job, JOB_STATE_FIELDS[state], time)
+    def _job(self, line: protocol.JobLine) -> None:
+        facility, time = self._met(line.facility), self._time(line.time)
+        job = self.jobs.setdefault((facility, int(line.job)), Job(facility, int(line.job), int(line.nodes)))
+        setattr(job, JOB_STATE_FIELDS[line.state], time)
 
 
 # --- computing ----------------------------------------------------------------------------------

@@ -1,5 +1,3 @@
-"""The ServerApp: owns the global adapter, runs the strategy, evaluates centrally, writes outputs."""
-
-from chemfl.server_app.app import app
-
-__all__ = ["app"]
+"""The ServerApp (component `chemfl.server_app.app:app`): owns the global adapter, runs the strategy,
+evaluates centrally, writes outputs. Importing this package loads nothing: the aggregation maths
+(`aggregation`) and rules (`rules`) stay free of Flower and torch."""

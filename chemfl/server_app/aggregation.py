@@ -26,9 +26,9 @@ class Staleness:
     sqrt: 1 / sqrt(1 + tau), FedBuff's default (polynomial with a = 0.5).
     """
 
-    name: str = "sqrt"
-    a: float = 0.5
-    b: float = 4.0
+    name: str
+    a: float
+    b: float
 
     def __post_init__(self) -> None:
         if self.name not in STALENESS_FUNCTIONS:
@@ -86,10 +86,10 @@ class ServerOptimizer:
     update (Reddi et al. 2021) with bias correction.
     """
 
-    name: str = "sgd"
-    lr: float = 1.0
-    beta1: float = 0.9
-    beta2: float = 0.99
+    name: str
+    lr: float
+    beta1: float
+    beta2: float
     epsilon: float = 1e-8
 
     def __post_init__(self) -> None:

@@ -21,29 +21,47 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from chemfl.errors import ChemFLError
-from chemfl.server_app.async_strategies import FedAsync, FedAvgRounds, FedBuff, NodeView, TaskOutcome, Update, Verdict
+from chemfl import protocol
+from chemfl.protocol import LostLine, NodeInfo, PartialTrainReport, Task, UpdateLine, VersionLine
 from chemfl.server_app.checkpoint import AsyncState, Checkpointer
+from chemfl.server_app.grid import POLL_SECONDS
+from chemfl.server_app.rules import (
+    FedAsyncRule,
+    FedAvgRoundsRule,
+    FedBuffRule,
+    NodeView,
+    TaskOutcome,
+    Update,
+    Verdict,
+)
 
 Params = dict[str, np.ndarray]
+Rule = FedBuffRule | FedAsyncRule | FedAvgRoundsRule
 
 
 @dataclass(frozen=True)
-class StopRule:
-    """Stop at whichever comes first; 0 switches a rule off (num_versions is always on)."""
+class LoopSettings:
+    """How the loop runs and when it stops (whichever comes first; 0 switches a limit off,
+    num_versions is always on). The Flower strategies fill it from their arguments."""
 
     num_versions: int
-    max_seconds: float = 0.0
-    target_loss: float = 0.0
+    max_seconds: float
+    target_loss: float
+    concurrency: int  # max messages in flight in all; 0: one per online node
+    message_ttl: float
+    max_update_norm: float  # 0: no bound on ||y - x_sent||
+    eval_every: int  # versions between centralized evaluations (0: first and last only)
+    poll_seconds: float = POLL_SECONDS
 
 
 @dataclass(frozen=True)
-class AsyncSpec:
-    concurrency: int = 0  # max messages in flight in all; 0: one per online node
-    message_ttl: float = 3600.0
-    max_update_norm: float = 0.0  # 0: no bound on ||y - x_sent||
-    eval_every: int = 1  # versions between centralized evaluations (0: first and last only)
-    poll_seconds: float = 0.2
+class RecordKeys:
+    """Where messages keep the adapter, the task and the update's weight (Flower's
+    arrayrecord_key, configrecord_key and weighted_by_key)."""
+
+    arrays: str = protocol.ARRAYS
+    config: str = protocol.CONFIG
+    weight: str = protocol.NUM_EXAMPLES
 
 
 @dataclass
@@ -87,14 +105,15 @@ def validate_update(arrays: ArrayRecord, template: Params, max_norm: float, sent
 @dataclass
 class AsyncRun:
     grid: Grid
-    strategy: FedBuff | FedAsync | FedAvgRounds
+    strategy: Rule
     state: AsyncState
-    spec: AsyncSpec
-    stop: StopRule
-    evaluate: Callable[[int, Params], float | None]  # (version, params) -> eval loss, or None if not due
-    record: Callable[[dict], None]  # one metrics.jsonl line
+    settings: LoopSettings
+    evaluate: Callable[[int, Params], float | None]  # (version, params) -> eval loss, or None
+    record: Callable[[dict], None]  # one metrics.jsonl line (chemfl.protocol.to_json)
     checkpointer: Checkpointer | None = None
     train_config: dict = field(default_factory=dict)
+    keys: RecordKeys = field(default_factory=RecordKeys)
+    on_update: Callable[[int, dict], None] | None = None  # (version it goes into, reply metrics) per accepted update
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
     in_flight: dict[int, InFlight] = field(default_factory=dict)
@@ -108,14 +127,7 @@ class AsyncRun:
         self._started = self.clock() - self.state.elapsed
         if self.state.version == 0 and not self.state.resumed:
             loss = self._evaluate(force=True)
-            self.record(
-                {
-                    "event": "version",
-                    "version": 0,
-                    "wall_time": self.elapsed(),
-                    **({"eval_loss": loss} if loss is not None else {}),
-                }
-            )
+            self.record(protocol.to_json(VersionLine(0, self.elapsed(), eval_loss=loss)))
         while not self._should_stop():
             with self._server_time():
                 self._dispatch()
@@ -128,7 +140,7 @@ class AsyncRun:
                 with self._server_time():
                     self._receive(reply)
             if not arrived:
-                self.sleep(self.spec.poll_seconds)
+                self.sleep(self.settings.poll_seconds)
         log(INFO, "stopping: %s", self._stop_reason())
         if self.state.last_evaluated != self.state.version:
             self._evaluate(force=True)
@@ -143,12 +155,13 @@ class AsyncRun:
         return self._stop_reason() is not None
 
     def _stop_reason(self) -> str | None:
-        if self.state.version >= self.stop.num_versions:
-            return f"{self.stop.num_versions} versions published"
-        if self.stop.max_seconds > 0 and self.elapsed() >= self.stop.max_seconds:
-            return f"wall-clock budget of {self.stop.max_seconds:.0f} s reached"
-        if self.stop.target_loss > 0 and self.last_loss is not None and self.last_loss <= self.stop.target_loss:
-            return f"test loss {self.last_loss:.4f} reached the target {self.stop.target_loss:.4f}"
+        limits = self.settings
+        if self.state.version >= limits.num_versions:
+            return f"{limits.num_versions} versions published"
+        if limits.max_seconds > 0 and self.elapsed() >= limits.max_seconds:
+            return f"wall-clock budget of {limits.max_seconds:.0f} s reached"
+        if limits.target_loss > 0 and self.last_loss is not None and self.last_loss <= limits.target_loss:
+            return f"test loss {self.last_loss:.4f} reached the target {limits.target_loss:.4f}"
         return None
 
     # --- dispatch ------------------------------------------------------------------------------
@@ -157,7 +170,7 @@ class AsyncRun:
         online = set(self.grid.get_node_ids())
         for node_id in [n for n in self.in_flight if n not in online]:
             self._lose(node_id, "node left the online list")
-        limit = self.spec.concurrency or len(online)
+        limit = self.settings.concurrency or len(online)
         idle = sorted(n for n in online if n not in self.in_flight)
         candidates = idle[: max(0, limit - len(self.in_flight))]
         now = self.elapsed()
@@ -167,18 +180,16 @@ class AsyncRun:
         for node_id in [n for n in candidates if n in plans]:
             self.state.task_counter += 1
             steps = plans[node_id].local_steps
-            config = {
-                **self.train_config,
-                "server-round": self.state.version,
-                "server-version": self.state.version,
-                "task-id": self.state.task_counter,
-                **({"local-steps": steps} if steps is not None else {}),
+            task = Task(server_round=self.state.version, task_id=self.state.task_counter, local_steps=steps)
+            content = {
+                self.keys.arrays: to_record(self.state.params),
+                self.keys.config: ConfigRecord({**self.train_config, **task.to_config()}),
             }
             message = Message(
-                RecordDict({"arrays": to_record(self.state.params), "config": ConfigRecord(config)}),
+                RecordDict(content),
                 dst_node_id=node_id,
-                message_type="train",
-                ttl=self.spec.message_ttl,
+                message_type=protocol.TRAIN,
+                ttl=self.settings.message_ttl,
             )
             [message_id] = list(self.grid.push_messages([message]))
             self.sent_params.setdefault(self.state.version, self.state.params)
@@ -208,18 +219,10 @@ class AsyncRun:
             lost.version,
             reason,
         )
-        self.record(
-            {
-                "event": "lost",
-                "node": node_id,
-                "facility": self.facility_of.get(node_id),
-                "version_sent": lost.version,
-                "reason": reason,
-                "time": self.elapsed(),
-                "dispatch_time": lost.sent_at,
-                "steps": lost.steps,
-            }
+        line = LostLine(
+            node_id, self.facility_of.get(node_id), lost.version, reason, self.elapsed(), lost.sent_at, lost.steps
         )
+        self.record(protocol.to_json(line))
         outcome = TaskOutcome(node_id, self._facility(node_id), lost.sent_at, self.elapsed(), lost.steps, lost=True)
         self.strategy.observe(outcome)
         self._publish(self.strategy.discard(self.state.params, outcome))
@@ -237,24 +240,25 @@ class AsyncRun:
             return
         del self.in_flight[node_id]
         content = reply.content
-        if "node" in content:
-            self.facility_of[node_id] = str(content["node"].get("facility", node_id))
+        node = NodeInfo.from_record(content[protocol.NODE]) if protocol.NODE in content else None
+        if node is not None:
+            self.facility_of[node_id] = node.facility
         sent = self.sent_params[flight.version]
         params, problem = (
-            validate_update(content["arrays"], self.state.params, self.spec.max_update_norm, sent)
-            if "arrays" in content
+            validate_update(content[self.keys.arrays], self.state.params, self.settings.max_update_norm, sent)
+            if self.keys.arrays in content
             else (None, "no adapter in the reply")
         )
-        metrics = content.get("metrics", {})
-        node = content.get("node", {})
+        metrics = content.get(protocol.METRICS, {})
+        report = PartialTrainReport.from_metrics(metrics)
         outcome = TaskOutcome(
             node_id,
             self._facility(node_id),
             flight.sent_at,
             self.elapsed(),
-            int(metrics["steps"]) if "steps" in metrics else None,
-            float(metrics["seconds"]) if "seconds" in metrics else None,
-            float(node["walltime-remaining"]) if "walltime-remaining" in node else None,
+            None if report.steps is None else int(report.steps),
+            None if report.seconds is None else float(report.seconds),
+            None if node is None or node.walltime_remaining is None else float(node.walltime_remaining),
         )
         self.strategy.observe(outcome)
         if params is None:
@@ -263,35 +267,30 @@ class AsyncRun:
             self.state.counters["rejected"] += 1
             published = self.strategy.discard(self.state.params, outcome)
         else:
-            update = Update(
-                node_id,
-                flight.version,
-                params,
-                int(metrics.get("num-examples", 0)),
-                float(metrics.get("train-loss", float("nan"))),
-            )
+            train_loss = float("nan") if report.train_loss is None else float(report.train_loss)
+            update = Update(node_id, flight.version, params, int(metrics.get(self.keys.weight, 0)), train_loss)
             verdict, published = self.strategy.submit(self.state.params, self.state.version, sent, update)
             self.state.counters["accepted" if verdict.accepted else verdict.reason] += 1
             self.state.updates_by_facility[self.facility_of.get(node_id, str(node_id))] += int(verdict.accepted)
-        self.record(
-            {
-                "event": "update",
-                "node": node_id,
-                "facility": self.facility_of.get(node_id),
-                "version_sent": flight.version,
-                "version": self.state.version,
-                "staleness": verdict.staleness,
-                "weight": verdict.weight,
-                "accepted": verdict.accepted,
-                "reason": verdict.reason,
-                "arrival_time": self.elapsed(),
-                "train_loss": metrics.get("train-loss"),
-                "train_seconds": metrics.get("seconds"),
-                "dispatch_time": flight.sent_at,
-                "steps": outcome.steps,
-                "walltime_remaining": outcome.walltime_remaining,
-            }
+            if verdict.accepted and self.on_update is not None:
+                self.on_update(self.state.version + 1, dict(metrics))  # the next version aggregates it
+        line = UpdateLine(
+            node=node_id,
+            facility=self.facility_of.get(node_id),
+            version_sent=flight.version,
+            version=self.state.version,
+            staleness=verdict.staleness,
+            weight=verdict.weight,
+            accepted=verdict.accepted,
+            reason=verdict.reason,
+            arrival_time=self.elapsed(),
+            train_loss=report.train_loss,
+            train_seconds=report.seconds,
+            dispatch_time=flight.sent_at,
+            steps=outcome.steps,
+            walltime_remaining=outcome.walltime_remaining,
         )
+        self.record(protocol.to_json(line))
         self._publish(published)
         if self.checkpointer is not None:
             self.state.elapsed = self.elapsed()
@@ -311,33 +310,32 @@ class AsyncRun:
             del self.sent_params[version]
 
     def _on_new_version(self) -> None:
-        line = {
-            "event": "version",
-            "version": self.state.version,
-            "wall_time": self.elapsed(),
-            "counters": dict(self.state.counters),
-            "updates_by_facility": dict(self.state.updates_by_facility),
-            "server_seconds": self.server_seconds,
-            "evaluation_seconds": self.evaluation_seconds,
-        }
-        # Both taken before this version's evaluation, like wall_time.
-        loss = self._evaluate(force=self.state.version >= self.stop.num_versions)
-        if loss is not None:
-            line["eval_loss"] = loss
+        # Times and counters are taken before this version's evaluation.
+        wall_time, server_seconds, evaluation_seconds = self.elapsed(), self.server_seconds, self.evaluation_seconds
+        loss = self._evaluate(force=self.state.version >= self.settings.num_versions)
+        line = VersionLine(
+            self.state.version,
+            wall_time,
+            dict(self.state.counters),
+            dict(self.state.updates_by_facility),
+            server_seconds,
+            evaluation_seconds,
+            loss,
+        )
         buffer = len(getattr(self.strategy, "buffer", []))
         log(
             INFO,
             "version %d | %.0f s | buffer %d | updates %s%s",
             self.state.version,
-            line["wall_time"],
+            wall_time,
             buffer,
             ", ".join(f"{k} {v}" for k, v in sorted(self.state.updates_by_facility.items())),
             "" if loss is None else f" | test loss {loss:.3f}",
         )
-        self.record(line)
+        self.record(protocol.to_json(line))
 
     def _evaluate(self, force: bool) -> float | None:
-        every = self.spec.eval_every
+        every = self.settings.eval_every
         if not force and not (every > 0 and self.state.version % every == 0):
             return None
         started = time.perf_counter()
@@ -347,12 +345,3 @@ class AsyncRun:
         if loss is not None:
             self.last_loss = loss
         return loss
-
-
-def check_async_spec(spec: AsyncSpec, stop: StopRule) -> None:
-    if spec.concurrency < 0:
-        raise ChemFLError(f"strategy.concurrency = {spec.concurrency} must be >= 0 (0: every online node)")
-    if stop.num_versions < 1:
-        raise ChemFLError(f"strategy.num-versions = {stop.num_versions} must be >= 1")
-    if spec.message_ttl <= 0:
-        raise ChemFLError(f"strategy.message-ttl = {spec.message_ttl} must be > 0 seconds")

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from chemfl.data_prep.io import write_file_atomically
 from chemfl.errors import ChemFLError
-from chemfl.server_app.async_strategies import FedAsync, FedBuff
+from chemfl.files import write_file_atomically
+from chemfl.server_app.rules import FedAsyncRule, FedBuffRule
 
 STATE = "state.json"
 
@@ -56,12 +56,12 @@ class Checkpointer:
         self._buffer_files: dict[int, str] = {}  # id(delta) -> file, for deltas still buffered
         self._sequence = 0
 
-    def save(self, state: AsyncState, strategy: FedBuff | FedAsync) -> None:
+    def save(self, state: AsyncState, strategy: FedBuffRule | FedAsyncRule) -> None:
         files = {"global": f"global-v{state.version}.npz"}
         if not (self.folder / files["global"]).exists():
             _write_arrays(self.folder / files["global"], state.params)
         buffer = []
-        if isinstance(strategy, FedBuff):
+        if isinstance(strategy, FedBuffRule):
             live = {}
             for delta, weight in strategy.buffer:
                 name = self._buffer_files.get(id(delta))
@@ -91,7 +91,7 @@ class Checkpointer:
             "updates_by_facility": dict(state.updates_by_facility),
             "files": files,
             "buffer": buffer,
-            "optimizer_step": strategy.optimizer_state.step if isinstance(strategy, FedBuff) else 0,
+            "optimizer_step": strategy.optimizer_state.step if isinstance(strategy, FedBuffRule) else 0,
             "sequence": self._sequence,
         }
         write_file_atomically(self.folder / STATE, json.dumps(document, indent=1, sort_keys=True))
@@ -100,7 +100,7 @@ class Checkpointer:
             if path.name not in keep and not path.name.startswith("."):
                 path.unlink()
 
-    def load(self, strategy: FedBuff | FedAsync) -> AsyncState:
+    def load(self, strategy: FedBuffRule | FedAsyncRule) -> AsyncState:
         """The saved state; the strategy's buffer and optimizer state are restored in place."""
         state_file = self.folder / STATE
         if not state_file.is_file():
@@ -118,7 +118,7 @@ class Checkpointer:
             resumed=True,
         )
         self._sequence = document["sequence"]
-        if isinstance(strategy, FedBuff):
+        if isinstance(strategy, FedBuffRule):
             strategy.buffer = []
             self._buffer_files = {}
             for entry in document["buffer"]:

@@ -12,8 +12,10 @@ from flwr.common.logger import log
 from rich.console import Console
 from rich.table import Table
 
+from chemfl import protocol
 from chemfl.llm.evaluation import EvalSpec, evaluate
 from chemfl.llm.lora import load_exchanged_state
+from chemfl.protocol import EvalReport, RoundLine, TrainReport
 
 
 class CentralEvaluator:
@@ -62,33 +64,39 @@ class CentralEvaluator:
         return server_round in (0, self.num_rounds) or (self.every > 0 and server_round % self.every == 0)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        line = {"event": "round", "round": server_round, **self.rounds.get(server_round, {})}
+        """Flower's `evaluate_fn` for synchronous rounds: evaluates when due, writes the round line."""
         result = (
             self.evaluate_state("round", server_round, arrays.to_torch_state_dict()) if self.due(server_round) else None
         )
-        if result is not None:
-            line["eval"] = result
-        line["wall_time"] = time.perf_counter() - self.started
-        self.outputs.append_metrics(line)
+        stats = self.rounds.get(server_round, {})
+        line = RoundLine(round=server_round, wall_time=time.perf_counter() - self.started, eval=result, **stats)
+        self.outputs.append_metrics(protocol.to_json(line))
         log(INFO, "%s", progress_line(line, self.num_rounds))
-        if result is None:
-            return None
-        metrics = {"eval-loss": result["loss"]}
-        if result["overall"]:
-            metrics["exact-match"] = result["overall"]["exact_match"]
-        return MetricRecord(metrics)
+        return None if result is None else metric_record(result)
+
+    def evaluate_version(self, version: int, arrays: ArrayRecord) -> MetricRecord:
+        """`evaluate_fn` for the asynchronous strategies: they decide when, and write version lines."""
+        return metric_record(self.evaluate_state("version", version, arrays.to_torch_state_dict()))
 
 
-def progress_line(line: dict, num_rounds: int) -> str:
-    parts = [f"round {line['round']}/{num_rounds}", f"{line['wall_time']:.0f} s"]
-    if line.get("facilities"):
-        parts.append("trained: " + ", ".join(line["facilities"]))
-    if "train-loss" in line.get("train", {}):
-        parts.append(f"train loss {line['train']['train-loss']:.3f}")
-    if "eval" in line:
-        parts.append(f"test loss {line['eval']['loss']:.3f}")
-        if line["eval"]["overall"]:
-            parts.append(f"exact match {line['eval']['overall']['exact_match']:.3f}")
+def metric_record(result: dict) -> MetricRecord:
+    """What an evaluation reports to Flower: `eval-loss` (the key the asynchronous strategies stop
+    on) and the overall exact match."""
+    report = EvalReport(result["n_loss"], result["loss"], (result["overall"] or {}).get("exact_match"))
+    return MetricRecord(report.to_metrics())
+
+
+def progress_line(line: RoundLine, num_rounds: int) -> str:
+    parts = [f"round {line.round}/{num_rounds}", f"{line.wall_time:.0f} s"]
+    if line.facilities:
+        parts.append("trained: " + ", ".join(line.facilities))
+    train_loss = TrainReport.KEYS["train_loss"]
+    if train_loss in line.train:
+        parts.append(f"train loss {line.train[train_loss]:.3f}")
+    if line.eval is not None:
+        parts.append(f"test loss {line.eval['loss']:.3f}")
+        if line.eval["overall"]:
+            parts.append(f"exact match {line.eval['overall']['exact_match']:.3f}")
     return " | ".join(parts)
 
 

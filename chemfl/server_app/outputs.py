@@ -6,8 +6,8 @@ import json
 import os
 from pathlib import Path
 
-from chemfl.data_prep.io import write_file_atomically
 from chemfl.errors import ChemFLError
+from chemfl.files import write_file_atomically
 from chemfl.llm.lora import save_adapter
 
 

@@ -4,12 +4,13 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from chemfl.client_app.app import TRAIN_METRICS, evaluate_node, train
+from chemfl.client_app.app import evaluate_node, train
 from chemfl.config import resolve
 from chemfl.data_prep.build import BuildSpec, build_dataset
 from chemfl.errors import ChemFLError
 from chemfl.llm.lora import exchanged_state
 from chemfl.llm.session import get_session
+from chemfl.protocol import TrainReport
 from tests.tiny import save_tiny_llama
 
 pytestmark = pytest.mark.usefixtures("server_task_identity")
@@ -62,7 +63,7 @@ def test_only_adapter_tensors_and_named_scalars_leave_the_node(setup):
     assert set(arrays.keys()) == set(sent.content["arrays"].keys())  # the adapter's own tensors only
     for key, array in arrays.items():
         assert (".lora_A." in key or ".lora_B." in key) and array.dtype == "float32"
-    assert set(content["metrics"].keys()) == set(TRAIN_METRICS)
+    assert set(content["metrics"].keys()) == set(TrainReport.KEYS.values())
     assert all(isinstance(value, (int, float)) for value in content["metrics"].values())
     assert dict(content["node"]) == {"facility": "aurora"}  # the facility's name, no data
     assert content["metrics"]["steps"] == 2 and content["metrics"]["num-examples"] > 0

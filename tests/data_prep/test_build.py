@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from chemfl import cli
+from chemfl import cli, files
 from chemfl.data_prep import build as build_module
-from chemfl.data_prep import io
+from chemfl.data_prep import store
 from chemfl.data_prep.build import BuildSpec, build_dataset, verify_build
-from chemfl.data_prep.io import FORMAT
 from chemfl.data_prep.schema import FIELDS
+from chemfl.data_prep.store import FORMAT
 from chemfl.errors import ChemFLError
 from tests.conftest import OFFLINE_TASKS, dot_entries, make_config, snapshot, write_smolinstruct_tree
 
@@ -60,7 +60,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
 
 
 def test_build_folder_holds_exactly_the_files_of_its_manifest(small_build):
-    manifest = io.read_json(small_build / "manifest.json")
+    manifest = files.read_json(small_build / "manifest.json")
     on_disk = set(snapshot(small_build)) - {"manifest.json"}
     assert on_disk == set(manifest["files"])
     assert {"test.parquet", "validation.parquet"} <= on_disk
@@ -71,7 +71,7 @@ def test_build_folder_holds_exactly_the_files_of_its_manifest(small_build):
 
 
 def test_manifest_describes_the_build(small_build):
-    manifest = io.read_json(small_build / "manifest.json")
+    manifest = files.read_json(small_build / "manifest.json")
     spec = spec_of()
     assert manifest["format"] == FORMAT
     assert manifest["build_id"] == spec.build_id and len(spec.build_id) == 16
@@ -84,23 +84,23 @@ def test_manifest_describes_the_build(small_build):
 
 
 def test_counts_match_the_parquet_files(small_build):
-    manifest = io.read_json(small_build / "manifest.json")
+    manifest = files.read_json(small_build / "manifest.json")
     counts = manifest["counts"]
     total = 0
     for split in ("test", "validation"):
-        records = io.read_records(small_build / f"{split}.parquet")
+        records = store.read_records(small_build / f"{split}.parquet")
         assert build_module.count_tasks(records) == counts[split]
         assert {r["split"] for r in records} == {split}
         assert all(list(r) == list(FIELDS) for r in records)
         total += len(records)
     train_total = 0
     for partition_id, name in enumerate(FACILITIES):
-        shard = io.read_json(small_build / "partitions" / name / "shard.json")
+        shard = files.read_json(small_build / "partitions" / name / "shard.json")
         assert shard["facility"] == name and shard["partition_id"] == partition_id
         assert shard["build_id"] == manifest["build_id"]
         assert counts["partitions"][name]["partition_id"] == partition_id
         for split in ("train", "validation"):
-            records = io.read_records(small_build / "partitions" / name / f"{split}.parquet")
+            records = store.read_records(small_build / "partitions" / name / f"{split}.parquet")
             assert build_module.count_tasks(records) == shard["counts"][split] == counts["partitions"][name][split]
             assert {r["split"] for r in records} <= {split}
             if split == "train":
@@ -117,7 +117,7 @@ def test_same_config_same_bytes_in_another_folder(small_build, tmp_path):
     out = tmp_path / "elsewhere" / "again"
     result = build_dataset(spec_of(), out)
     assert not result.reused
-    manifest = io.read_json(small_build / "manifest.json")
+    manifest = files.read_json(small_build / "manifest.json")
     for relative in [*manifest["files"], "manifest.json"]:
         assert (out / relative).read_bytes() == (small_build / relative).read_bytes(), relative
     assert snapshot(out) == snapshot(small_build)
@@ -125,7 +125,7 @@ def test_same_config_same_bytes_in_another_folder(small_build, tmp_path):
 
 def test_another_seed_gives_other_bytes(small_build, tmp_path):
     result = build_dataset(spec_of(seed=7), tmp_path / "seed7")
-    assert result.manifest["build_id"] != io.read_json(small_build / "manifest.json")["build_id"]
+    assert result.manifest["build_id"] != files.read_json(small_build / "manifest.json")["build_id"]
     for relative in ("manifest.json", "test.parquet", "validation.parquet", "partitions/polaris/train.parquet"):
         assert (tmp_path / "seed7" / relative).read_bytes() != (small_build / relative).read_bytes(), relative
 
@@ -168,7 +168,7 @@ def test_same_config_reuses_the_build(build_copy):
     before = snapshot(build_copy)
     result = build_dataset(spec_of(), build_copy)
     assert result.reused is True
-    assert result.manifest == io.read_json(build_copy / "manifest.json")
+    assert result.manifest == files.read_json(build_copy / "manifest.json")
     assert snapshot(build_copy) == before
 
 
@@ -182,7 +182,7 @@ def test_reusing_a_tampered_build_is_refused(build_copy):
 
 def test_a_different_build_is_refused_and_leaves_the_old_one_untouched(build_copy):
     before = snapshot(build_copy)
-    old_id = io.read_json(build_copy / "manifest.json")["build_id"]
+    old_id = files.read_json(build_copy / "manifest.json")["build_id"]
     with pytest.raises(ChemFLError, match=f"already holds a different build \\(build id {old_id}.*--force"):
         build_dataset(spec_of(seed=7), build_copy)
     assert snapshot(build_copy) == before
@@ -192,7 +192,7 @@ def test_a_different_build_is_refused_and_leaves_the_old_one_untouched(build_cop
 def test_force_replaces_a_different_build(build_copy):
     result = build_dataset(spec_of(seed=7, facilities="polaris,aurora"), build_copy, force=True)
     assert not result.reused
-    manifest = io.read_json(build_copy / "manifest.json")
+    manifest = files.read_json(build_copy / "manifest.json")
     assert manifest["build_id"] == spec_of(seed=7, facilities="polaris,aurora").build_id
     assert sorted(p.name for p in (build_copy / "partitions").iterdir()) == ["aurora", "polaris"]
     assert verify_build(build_copy) == []
@@ -253,7 +253,7 @@ def test_no_staging_folder_is_left_after_a_failure_while_partitioning(tmp_path, 
 
 def test_no_staging_folder_is_left_after_a_failure_while_writing(build_copy, monkeypatch):
     before = snapshot(build_copy)
-    real, calls = io.write_records, []
+    real, calls = store.write_records, []
 
     def flaky(path, records):
         calls.append(path)
@@ -261,7 +261,7 @@ def test_no_staging_folder_is_left_after_a_failure_while_writing(build_copy, mon
             raise OSError("disk full (injected)")
         return real(path, records)
 
-    monkeypatch.setattr(io, "write_records", flaky)
+    monkeypatch.setattr(store, "write_records", flaky)
     with pytest.raises(OSError, match="injected"):
         build_dataset(spec_of(seed=9), build_copy, force=True)
     assert len(calls) == 3 and ".partial-" in str(calls[0])  # it failed inside the staging folder
@@ -446,7 +446,7 @@ def test_smolinstruct_source_build_keeps_its_splits_and_drops_leaks(tmp_path):
         "inputs": {"sha256": sha256(archive)},
     }
     assert "max_molecules" not in manifest["build"] and manifest["build"]["max_per_task"] == 0
-    test = io.read_records(tmp_path / "out" / "test.parquet")
+    test = store.read_records(tmp_path / "out" / "test.parquet")
     assert {r["target"] for r in test} == {None, "Hepatobiliary disorders", "Vascular disorders"}
 
 
@@ -493,7 +493,7 @@ def test_cli_build_prints_the_summary_and_reuses(tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main(["data", "build", "--out", str(out), "--max-molecules", "60", "--seed", "5"]) == 0
     err = capsys.readouterr().err
-    manifest = io.read_json(out / "manifest.json")
+    manifest = files.read_json(out / "manifest.json")
     assert manifest["seed"] == 5 and verify_build(out) == []
     assert "offline data: iid partition over 4 facilities, seed 5" in err
     for word in ("task", "train", "val", "test", *FACILITIES, *OFFLINE_TASKS, "total"):
@@ -510,7 +510,7 @@ def test_cli_reads_a_recipe_and_flags_win(tmp_path, capsys):
     recipe.write_text('data.max-molecules = 60\ndata.seed = 7\ndata.facilities = "polaris,aurora"\n')
     out = tmp_path / "out"
     assert cli.main(["data", "build", "--run-config", str(recipe), "--seed", "8", "--out", str(out)]) == 0
-    manifest = io.read_json(out / "manifest.json")
+    manifest = files.read_json(out / "manifest.json")
     assert manifest["seed"] == 8 and manifest["facilities"] == ["polaris", "aurora"]
     assert manifest["source"]["molecules"] == 60
 
@@ -559,7 +559,7 @@ def test_cli_refuses_a_different_build_without_force(build_copy, capsys):
     assert "--force" in capsys.readouterr().err
     assert snapshot(build_copy) == before
     assert cli.main(["data", "build", "--out", str(build_copy), "--max-molecules", "60", "--seed", "1", "--force"]) == 0
-    assert io.read_json(build_copy / "manifest.json")["seed"] == 1
+    assert files.read_json(build_copy / "manifest.json")["seed"] == 1
 
 
 def test_cli_verify(build_copy, capsys):
@@ -592,8 +592,8 @@ def test_cli_baselines_needs_a_build(tmp_path, capsys):
 def test_most_common_baseline_answers_the_commonest_training_output(small_build):
     from chemfl.data_prep.baselines import baseline_scores
 
-    test = io.read_records(small_build / "test.parquet")
-    train = [r for shard in sorted(small_build.glob("partitions/*/train.parquet")) for r in io.read_records(shard)]
+    test = store.read_records(small_build / "test.parquet")
+    train = [r for shard in sorted(small_build.glob("partitions/*/train.parquet")) for r in store.read_records(shard)]
     ro3_train = [r["raw_output"] for r in train if r["task"] == "property_prediction-ro3"]
     commonest = max(("Yes", "No"), key=ro3_train.count)
     ro3_test = [r["raw_output"] for r in test if r["task"] == "property_prediction-ro3"]

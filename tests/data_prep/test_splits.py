@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from chemfl.data_prep import chem, io
+from chemfl.data_prep import chem, store
 from chemfl.data_prep.schema import FIELDS
 from chemfl.data_prep.sources.offline import load_offline
 from chemfl.data_prep.splits import (
@@ -134,11 +134,11 @@ def test_split_assignment_is_deterministic_for_a_seed_and_differs_for_another():
 
 
 def test_no_leakage_on_a_small_offline_build(small_build):
-    test = io.read_records(small_build / "test.parquet")
-    validation = io.read_records(small_build / "validation.parquet")
-    train = [r for shard in sorted(small_build.glob("partitions/*/train.parquet")) for r in io.read_records(shard)]
+    test = store.read_records(small_build / "test.parquet")
+    validation = store.read_records(small_build / "validation.parquet")
+    train = [r for shard in sorted(small_build.glob("partitions/*/train.parquet")) for r in store.read_records(shard)]
     shard_validation = [
-        r for shard in sorted(small_build.glob("partitions/*/validation.parquet")) for r in io.read_records(shard)
+        r for shard in sorted(small_build.glob("partitions/*/validation.parquet")) for r in store.read_records(shard)
     ]
     assert test and validation and train
     assert sorted(map(repr, shard_validation)) == sorted(map(repr, validation))

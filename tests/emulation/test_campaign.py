@@ -12,10 +12,10 @@ from chemfl.config import resolve
 from chemfl.emulation.campaign import CampaignSpec
 from chemfl.emulation.grid import EmulatedGrid
 from chemfl.errors import ChemFLError
-from chemfl.server_app.async_loop import AsyncRun, AsyncSpec, StopRule
-from chemfl.server_app.async_strategies import FedAsync, FedAvgRounds, FedBuff, WalltimeAware
+from chemfl.server_app.async_loop import AsyncRun
 from chemfl.server_app.checkpoint import AsyncState
 from tests.emulation.real_grid import FACILITIES, ShuffledGrid
+from tests.server_app.rule_defaults import fedasync, fedavg_rounds, fedbuff, settings, walltime_aware
 
 pytestmark = pytest.mark.usefixtures("server_task_identity")
 
@@ -54,8 +54,7 @@ def run_campaign(
         grid,
         strategy,
         AsyncState(params=initial_params()),
-        AsyncSpec(eval_every=1),
-        StopRule(num_versions=10_000, max_seconds=hours * 3600),
+        settings(eval_every=1, num_versions=10_000, max_seconds=hours * 3600),
         evaluate=lambda version, params: float(np.mean([np.abs(v).mean() for v in params.values()])),
         record=lines.append,
         clock=grid.clock,
@@ -74,8 +73,8 @@ def deterministic(lines: list[dict]) -> list[dict]:
 
 
 def test_completions_are_processed_in_virtual_time_order_whatever_the_real_order():
-    first, params_first, _ = run_campaign(campaign(), FedBuff(buffer_size=3), order_seed=1)
-    second, params_second, _ = run_campaign(campaign(), FedBuff(buffer_size=3), order_seed=2)
+    first, params_first, _ = run_campaign(campaign(), fedbuff(buffer_size=3), order_seed=1)
+    second, params_second, _ = run_campaign(campaign(), fedbuff(buffer_size=3), order_seed=2)
     assert deterministic(first) == deterministic(second)
     assert all(np.array_equal(params_first[k], params_second[k]) for k in params_first)
     arrivals = [line["arrival_time"] for line in first if line["event"] == "update"]
@@ -89,9 +88,9 @@ def test_completions_are_processed_in_virtual_time_order_whatever_the_real_order
 
 
 def test_same_seed_same_campaign_other_seed_other_queue_waits():
-    once, _, _ = run_campaign(campaign(seed=3), FedAsync(), hours=6)
-    again, _, _ = run_campaign(campaign(seed=3), FedAsync(), hours=6)
-    other, _, _ = run_campaign(campaign(seed=4), FedAsync(), hours=6)
+    once, _, _ = run_campaign(campaign(seed=3), fedasync(), hours=6)
+    again, _, _ = run_campaign(campaign(seed=3), fedasync(), hours=6)
+    other, _, _ = run_campaign(campaign(seed=4), fedasync(), hours=6)
     assert deterministic(once) == deterministic(again)
 
     def starts(lines):
@@ -116,7 +115,7 @@ def test_walltime_end_loses_exactly_the_work_in_flight_and_it_is_never_trained()
         ),
         ("solo",),
     )
-    lines, _, real = run_campaign(spec, FedAsync(), hours=0.1, steps=2, facilities=("solo",))
+    lines, _, real = run_campaign(spec, fedasync(), hours=0.1, steps=2, facilities=("solo",))
     jobs = [line for line in lines if line["event"] == "job"]
     assert [(line["state"], line["time"]) for line in jobs[:4]] == [
         ("queued", 0.0),
@@ -183,7 +182,7 @@ def test_replayed_trace_reproduces_its_queue_waits(tmp_path):
     spec = campaign(queue_trace=str(trace))
     assert [spec.queue_wait("polaris", k) for k in range(3)] == [120.0, 900.0, 120.0]
     assert [spec.queue_wait("frontier", k) for k in range(3)] == [5.0, 6.0, 7.0]
-    lines, _, _ = run_campaign(spec, FedBuff(buffer_size=2), hours=3)
+    lines, _, _ = run_campaign(spec, fedbuff(buffer_size=2), hours=3)
     starts = [
         line["time"]
         for line in lines
@@ -193,17 +192,17 @@ def test_replayed_trace_reproduces_its_queue_waits(tmp_path):
 
 
 def test_walltime_aware_never_loses_work_and_skips_what_cannot_finish():
-    lines, _, _ = run_campaign(campaign(), WalltimeAware(base_steps=5, min_steps=2, max_steps=15), hours=12)
+    lines, _, _ = run_campaign(campaign(), walltime_aware(base_steps=5, min_steps=2, max_steps=15), hours=12)
     assert not [line for line in lines if line["event"] == "lost"]
-    baseline, _, _ = run_campaign(campaign(), FedAsync(), hours=12)
+    baseline, _, _ = run_campaign(campaign(), fedasync(), hours=12)
     assert [line for line in baseline if line["event"] == "lost"]  # the same campaign does lose work without planning
     updates = [line for line in lines if line["event"] == "update"]
     assert {line["steps"] for line in updates} - {5}  # tasks were sized, not all default
 
 
 def test_walltime_aware_plan_fits_the_reported_walltime():
-    strategy = WalltimeAware(base_steps=5, min_steps=2, max_steps=15, margin_seconds=30)
-    from chemfl.server_app.async_strategies import TaskOutcome
+    strategy = walltime_aware(base_steps=5, min_steps=2, max_steps=15, margin_seconds=30)
+    from chemfl.server_app.rules import TaskOutcome
 
     assert strategy.plan_steps("polaris", 0.0) == 5  # nothing known yet: the default task
     strategy.observe(TaskOutcome(1, "polaris", 0.0, 400.0, steps=5, train_seconds=300.0, walltime_remaining=1000.0))
@@ -220,7 +219,7 @@ def test_walltime_aware_plan_fits_the_reported_walltime():
 
 
 def test_fedavg_rounds_wait_for_every_dispatched_node_and_average_by_examples():
-    lines, _, _ = run_campaign(campaign(), FedAvgRounds(min_nodes=1), hours=8)
+    lines, _, _ = run_campaign(campaign(), fedavg_rounds(min_nodes=1), hours=8)
     updates = [line for line in lines if line["event"] in ("update", "lost")]
     assert all(line.get("staleness", 0) == 0 for line in updates)
     # A round's tasks all start from the version it published, and no task is sent mid-round.

@@ -20,10 +20,11 @@ import pytest
 import tomli_w
 
 from chemfl.cli import main
+from chemfl.hpc.launch_log import read_events
 from chemfl.launcher.facilities import load_facilities
 from chemfl.launcher.render import render_body, render_script
 from chemfl.launcher.superlink import CertificatePaths, make_certificates
-from chemfl.launcher.watch import read_events, read_state
+from chemfl.launcher.watch import read_state
 from chemfl.simulation import free_port
 from tests.launcher.fakes import FakeSchedulers, install_fake_schedulers
 

@@ -33,9 +33,10 @@ import tomli_w
 from chemfl.cli import main
 from chemfl.data_prep.build import BuildSpec, build_dataset
 from chemfl.errors import ChemFLError
+from chemfl.hpc.launch_log import read_events
 from chemfl.launcher.schedulers import local_pid, process_alive
 from chemfl.launcher.superlink import check_superlink, make_supernode_keys
-from chemfl.launcher.watch import read_events, read_state
+from chemfl.launcher.watch import read_state
 from chemfl.simulation import free_port
 from tests.conftest import make_config
 from tests.tiny import save_tiny_llama

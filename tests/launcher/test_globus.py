@@ -11,9 +11,10 @@ import pytest
 from globus_compute_sdk import ShellFunction
 
 from chemfl.errors import ChemFLError
+from chemfl.hpc.launch_log import queue_waits, read_events
 from chemfl.launcher.globus import CANCEL_NOTE, GlobusBackend, escape_braces
 from chemfl.launcher.schedulers import JobTarget
-from chemfl.launcher.watch import Watcher, queue_waits, read_events
+from chemfl.launcher.watch import Watcher
 
 BODY_WITH_BRACES = """x=5
 echo "home=${HOME} literal={x} x=$x"

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from flwr.common.config import parse_config_args
 
-from chemfl.launcher.cli import write_launch_scripts
+from chemfl.launcher.commands.submit import write_launch_scripts
 from chemfl.launcher.facilities import Facility, LaunchPlan, parse_plan
 from chemfl.launcher.render import render_body, render_script, stop_margin_seconds
 

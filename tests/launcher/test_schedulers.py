@@ -13,8 +13,6 @@ from chemfl.launcher.schedulers import (
     PbsScheduler,
     SlurmScheduler,
     local_pid,
-    parse_pbs_remaining_walltime,
-    pbs_remaining_walltime,
     process_alive,
 )
 from tests.launcher.fakes import FakeSchedulers, install_fake_schedulers, wait_until
@@ -94,44 +92,6 @@ def test_missing_submit_command_says_where_to_run(scheduler, script, monkeypatch
 
     with pytest.raises(ChemFLError, match="run chemfl launch on the facility's login node, or use backend = globus"):
         scheduler.submit(script)
-
-
-QSTAT_F = """Job Id: 123.polaris-pbs-01.hsn.cm.polaris.alcf.anl.gov
-    Job_Name = chemfl-polaris
-    job_state = R
-    Variable_List = PBS_O_HOME=/home/user,PBS_O_LANG=C.UTF-8,
-\tPBS_O_PATH=/usr/bin:/bin
-    Resource_List.walltime = 72:00:00
-    resources_used.walltime = 01:30:15
-"""
-
-
-def test_remaining_walltime_is_limit_minus_used():
-    assert parse_pbs_remaining_walltime(QSTAT_F) == 72 * 3600 - (3600 + 30 * 60 + 15)
-
-
-def test_remaining_walltime_before_usage_is_reported_and_after_overrun():
-    assert parse_pbs_remaining_walltime("    Resource_List.walltime = 00:10:00\n") == 600
-    overrun = "    Resource_List.walltime = 00:10:00\n    resources_used.walltime = 00:10:07\n"
-    assert parse_pbs_remaining_walltime(overrun) == 0
-    assert parse_pbs_remaining_walltime("    job_state = R\n") is None
-
-
-def test_remaining_walltime_asks_qstat(fake, script, monkeypatch):
-    monkeypatch.setenv("FAKE_PBS_WALLTIME", "01:00:00")
-    job_id = PbsScheduler().submit(script)
-    fake.set_state(job_id, "R")
-    fake.set_pbs_used_walltime(job_id, "00:20:00")
-
-    assert pbs_remaining_walltime(job_id) == 2400
-    assert fake.commands()[-1] == f"qstat -f {job_id}"
-    assert pbs_remaining_walltime("999.unknown") is None
-
-
-def test_remaining_walltime_without_qstat_is_none(monkeypatch, tmp_path):
-    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-
-    assert pbs_remaining_walltime("123.polaris") is None
 
 
 # --- Slurm -----------------------------------------------------------------------------------------

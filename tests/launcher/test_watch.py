@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -12,11 +11,10 @@ from pathlib import Path
 import pytest
 
 from chemfl.errors import ChemFLError
+from chemfl.hpc.launch_log import queue_waits, read_events
 from chemfl.launcher.schedulers import JobTarget, local_pid, process_alive
 from chemfl.launcher.watch import (
     Watcher,
-    queue_waits,
-    read_events,
     read_state,
     status,
     stop,
@@ -388,37 +386,3 @@ def test_stop_ends_a_watcher_running_in_another_process(tmp_path):
         if watcher.poll() is None:
             watcher.kill()
             watcher.wait()
-
-
-def test_queue_waits_on_a_written_trace(tmp_path):
-    trace = tmp_path / "launch.jsonl"
-    lines = [
-        {"time": 0.0, "event": "submitted", "facility": "polaris", "backend": "pbs", "job_id": "1.p", "attempt": 0},
-        {"time": 1.0, "event": "submitted", "facility": "frontier", "backend": "slurm", "job_id": "7", "attempt": 0},
-        {"time": 2.0, "event": "submitted", "facility": "aurora", "backend": "globus", "job_id": "g-0", "attempt": 0},
-        {"time": 2.0, "event": "started", "facility": "aurora", "backend": "globus", "job_id": "g-0", "attempt": 0},
-        {"time": 40.0, "event": "started", "facility": "polaris", "backend": "pbs", "job_id": "1.p", "attempt": 0},
-        {
-            "time": 50.0,
-            "event": "ended",
-            "facility": "frontier",
-            "backend": "slurm",
-            "job_id": "7",
-            "attempt": 0,
-            "ran_seconds": None,
-            "resubmit_at": 60.0,
-        },
-        {
-            "time": 60.0,
-            "event": "resubmitted",
-            "facility": "frontier",
-            "backend": "slurm",
-            "job_id": "8",
-            "attempt": 1,
-            "delay_seconds": 10.0,
-        },
-        {"time": 95.5, "event": "started", "facility": "frontier", "backend": "slurm", "job_id": "8", "attempt": 1},
-    ]
-    trace.write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"time": 99.0, "event": "sta')
-
-    assert queue_waits(trace) == {"polaris": [40.0], "frontier": [35.5]}

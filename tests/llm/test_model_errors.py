@@ -8,7 +8,7 @@ import torch
 from chemfl.config import resolve
 from chemfl.errors import ChemFLError
 from chemfl.llm.model import ModelSpec, load_base_model, pick_device, quantization_config, resolve_model_path
-from chemfl.server_app.strategies import make_strategy
+from chemfl.server_app.strategy_spec import StrategySpec
 
 
 def test_missing_local_path_names_the_path_and_the_offline_default(tmp_path):
@@ -42,7 +42,7 @@ def test_unknown_quantization_and_strategy_and_config_key():
     with pytest.raises(ChemFLError, match="model.quantization"):
         ModelSpec.from_config(resolve({"model.quantization": "3bit"}))
     with pytest.raises(ChemFLError, match="unknown strategy.name 'fedprox2'"):
-        make_strategy(resolve({"strategy.name": "fedprox2"}), lambda *_: None)
+        StrategySpec.from_config(resolve({"strategy.name": "fedprox2"}))
     with pytest.raises(ChemFLError, match=r"unknown config key\(s\) \['train.local_steps'\]"):
         resolve({"train.local_steps": 3})
 

@@ -14,14 +14,15 @@ from chemfl.server_app.aggregation import (
     refactorise,
     staleness_weight,
 )
-from chemfl.server_app.async_strategies import FedAsync, FedBuff, Update
+from chemfl.server_app.rules import Update
+from tests.server_app.rule_defaults import fedasync, fedbuff
 
 STALENESS = [
-    Staleness("constant"),
-    Staleness("polynomial", a=0.5),
-    Staleness("polynomial", a=2.0),
-    Staleness("hinge", a=1.0, b=2.0),
-    Staleness("sqrt"),
+    Staleness("constant", 0.5, 4.0),
+    Staleness("polynomial", 0.5, 4.0),
+    Staleness("polynomial", 2.0, 4.0),
+    Staleness("hinge", 1.0, 2.0),
+    Staleness("sqrt", 0.5, 4.0),
 ]
 
 
@@ -44,14 +45,14 @@ def test_weights_are_in_unit_interval_and_never_increase_with_staleness(tau, sta
 
 
 def test_named_staleness_values():
-    assert Staleness("sqrt")(3) == pytest.approx(0.5)
-    assert Staleness("polynomial", a=1.0)(3) == pytest.approx(0.25)
-    assert Staleness("hinge", a=0.5, b=2)(2) == 1.0
-    assert Staleness("hinge", a=0.5, b=2)(6) == pytest.approx(1 / 3)
+    assert Staleness("sqrt", 0.5, 4.0)(3) == pytest.approx(0.5)
+    assert Staleness("polynomial", 1.0, 4.0)(3) == pytest.approx(0.25)
+    assert Staleness("hinge", 0.5, 2)(2) == 1.0
+    assert Staleness("hinge", 0.5, 2)(6) == pytest.approx(1 / 3)
     with pytest.raises(ValueError, match="future"):
-        Staleness()(-1)
+        Staleness("sqrt", 0.5, 4.0)(-1)
     with pytest.raises(ValueError, match="unknown staleness"):
-        Staleness("exp")
+        Staleness("exp", 0.5, 4.0)
 
 
 @settings(max_examples=40, deadline=None)
@@ -60,7 +61,7 @@ def test_fedbuff_with_zero_staleness_and_k_clients_is_fedavg_on_deltas(n_clients
     rng = np.random.default_rng(seed)
     current = adapter(rng)
     trained = [adapter(rng) for _ in range(n_clients)]
-    strategy = FedBuff(buffer_size=n_clients, staleness=Staleness("sqrt"))
+    strategy = fedbuff(buffer_size=n_clients, staleness=Staleness("sqrt", 0.5, 4.0))
     published = None
     for i, params in enumerate(trained):
         verdict, published = strategy.submit(current, 0, current, update(params, node=i))
@@ -76,7 +77,7 @@ def test_fedbuff_publishes_after_exactly_k_and_weights_by_staleness():
     rng = np.random.default_rng(0)
     current, sent_old = adapter(rng), adapter(rng)
     a, b, c = adapter(rng), adapter(rng), adapter(rng)
-    strategy = FedBuff(buffer_size=3, staleness=Staleness("sqrt"))
+    strategy = fedbuff(buffer_size=3, staleness=Staleness("sqrt", 0.5, 4.0))
     assert strategy.submit(current, 3, sent_old, update(a, version_sent=0))[1] is None  # tau 3, weight 1/2
     assert strategy.submit(current, 3, current, update(b, version_sent=3))[1] is None
     verdict, published = strategy.submit(current, 3, current, update(c, version_sent=3))
@@ -91,13 +92,13 @@ def test_fedbuff_publishes_after_exactly_k_and_weights_by_staleness():
 def test_an_update_older_than_the_cutoff_changes_nothing():
     rng = np.random.default_rng(1)
     current = adapter(rng)
-    for strategy in (FedBuff(buffer_size=1, max_staleness=2), FedAsync(alpha=0.9, max_staleness=2)):
+    for strategy in (fedbuff(buffer_size=1, max_staleness=2), fedasync(alpha=0.9, max_staleness=2)):
         verdict, published = strategy.submit(current, 10, current, update(adapter(rng), version_sent=7))
         assert not verdict.accepted and verdict.reason == "stale" and verdict.weight == 0.0
         assert published is None
         assert getattr(strategy, "buffer", []) == []
-    assert staleness_weight(3, Staleness("constant"), 2) == 0.0
-    assert staleness_weight(2, Staleness("constant"), 2) == 1.0
+    assert staleness_weight(3, Staleness("constant", 0.5, 4.0), 2) == 0.0
+    assert staleness_weight(2, Staleness("constant", 0.5, 4.0), 2) == 1.0
 
 
 @settings(max_examples=30, deadline=None)
@@ -105,7 +106,7 @@ def test_an_update_older_than_the_cutoff_changes_nothing():
 def test_fedasync_mixes_with_alpha_times_staleness(seed, alpha, tau):
     rng = np.random.default_rng(seed)
     current, trained = adapter(rng), adapter(rng)
-    strategy = FedAsync(alpha=alpha, staleness=Staleness("polynomial", a=0.5))
+    strategy = fedasync(alpha=alpha, staleness=Staleness("polynomial", 0.5, 4.0))
     verdict, published = strategy.submit(current, tau, current, update(trained, version_sent=0))
     mixing = alpha * (tau + 1) ** -0.5
     assert verdict.weight == pytest.approx((tau + 1) ** -0.5)
@@ -124,7 +125,7 @@ def test_ffa_path_equals_averaging_the_full_updates(n_clients, seed):
     frozen_a = rng.normal(size=(2, 5))
     current_b = {"m.lora_B.weight": rng.normal(size=(4, 2))}
     trained_b = [{"m.lora_B.weight": rng.normal(size=(4, 2))} for _ in range(n_clients)]
-    strategy = FedBuff(buffer_size=n_clients, staleness=Staleness("constant"))
+    strategy = fedbuff(buffer_size=n_clients, staleness=Staleness("constant", 0.5, 4.0))
     for params in trained_b:
         _, published = strategy.submit(current_b, 0, current_b, update(params))
     aggregated_product = published["m.lora_B.weight"] @ frozen_a
@@ -139,7 +140,7 @@ def test_naive_a_b_averaging_is_not_the_average_update_but_svd_is():
     mean_product = np.mean([products(t)["m"] for t in trained], axis=0)  # rank <= 4
     results = {}
     for mode, _rank_needed in (("naive", 2), ("svd", 2)):
-        strategy = FedBuff(buffer_size=2, staleness=Staleness("constant"), lora_aggregation=mode)
+        strategy = fedbuff(buffer_size=2, staleness=Staleness("constant", 0.5, 4.0), lora_aggregation=mode)
         for params in trained:
             _, published = strategy.submit(current, 0, current, update(params))
         results[mode] = products(published)["m"]
@@ -162,17 +163,17 @@ def test_refactorise_reproduces_a_product_of_its_rank(seed):
 def test_server_optimizers():
     params, gradient = {"w": np.array([1.0, 2.0])}, {"w": np.array([0.5, -1.0])}
     np.testing.assert_allclose(
-        ServerOptimizer("sgd", lr=0.1).apply(params, gradient, ServerOptimizerState())["w"], [0.95, 2.1]
+        ServerOptimizer("sgd", 0.1, 0.9, 0.99).apply(params, gradient, ServerOptimizerState())["w"], [0.95, 2.1]
     )
     state = ServerOptimizerState()
-    momentum = ServerOptimizer("momentum", lr=1.0, beta1=0.5)
+    momentum = ServerOptimizer("momentum", 1.0, 0.5, 0.99)
     first = momentum.apply(params, gradient, state)
     second = momentum.apply(first, gradient, state)  # m = 0.5 g + g = 1.5 g
     np.testing.assert_allclose(second["w"], first["w"] - 1.5 * gradient["w"])
     adam_state = ServerOptimizerState()
-    adam = ServerOptimizer("adam", lr=0.01)
+    adam = ServerOptimizer("adam", 0.01, 0.9, 0.99)
     stepped = adam.apply(params, gradient, adam_state)
     # First bias-corrected Adam step moves each coordinate by lr * sign(g).
     np.testing.assert_allclose(stepped["w"], params["w"] - 0.01 * np.sign(gradient["w"]), rtol=1e-6)
     with pytest.raises(ValueError):
-        ServerOptimizer("lion")
+        ServerOptimizer("lion", 1.0, 0.9, 0.99)

@@ -5,11 +5,12 @@ import pytest
 from chemfl.config import resolve
 from chemfl.emulation import parse_slowdown
 from chemfl.errors import ChemFLError
-from chemfl.server_app.app import async_settings
-from chemfl.server_app.async_strategies import FedAsync, FedBuff
 from chemfl.server_app.checkpoint import Checkpointer
 from chemfl.server_app.outputs import RunOutputs
-from chemfl.server_app.strategies import make_async_strategy
+from chemfl.server_app.rules import FedAsyncRule, FedBuffRule
+from chemfl.server_app.strategies import FedAsync, FedBuff, make_strategy
+from chemfl.server_app.strategy_spec import StrategySpec
+from tests.server_app.rule_defaults import fedbuff as fedbuff_rule
 
 
 @pytest.mark.parametrize(
@@ -26,11 +27,15 @@ from chemfl.server_app.strategies import make_async_strategy
 )
 def test_bad_strategy_settings_are_clear_errors(overrides, message):
     with pytest.raises(ChemFLError, match=message):
-        make_async_strategy(resolve(overrides))
+        StrategySpec.from_config(resolve(overrides))
+
+
+def make(config):
+    return make_strategy(StrategySpec.from_config(config), lambda *_: None)
 
 
 def test_strategy_settings_reach_the_strategy():
-    fedbuff = make_async_strategy(
+    fedbuff = make(
         resolve(
             {
                 "strategy.name": "fedbuff",
@@ -42,10 +47,13 @@ def test_strategy_settings_reach_the_strategy():
             }
         )
     )
-    assert isinstance(fedbuff, FedBuff) and fedbuff.buffer_size == 5 and fedbuff.max_staleness == 7
-    assert fedbuff.staleness.name == "hinge" and fedbuff.optimizer.name == "adam" and fedbuff.lora_aggregation == "svd"
-    fedasync = make_async_strategy(resolve({"strategy.name": "fedasync", "strategy.fedasync-alpha": 0.9}))
-    assert isinstance(fedasync, FedAsync) and fedasync.alpha == 0.9 and fedasync.max_staleness is None
+    assert isinstance(fedbuff, FedBuff) and isinstance(fedbuff.rule, FedBuffRule)
+    rule = fedbuff.rule
+    assert rule.buffer_size == 5 and rule.max_staleness == 7
+    assert rule.staleness.name == "hinge" and rule.optimizer.name == "adam" and rule.lora_aggregation == "svd"
+    fedasync = make(resolve({"strategy.name": "fedasync", "strategy.fedasync-alpha": 0.9}))
+    assert isinstance(fedasync, FedAsync) and isinstance(fedasync.rule, FedAsyncRule)
+    assert fedasync.rule.alpha == 0.9 and fedasync.rule.max_staleness is None
 
 
 @pytest.mark.parametrize(
@@ -58,7 +66,7 @@ def test_strategy_settings_reach_the_strategy():
 )
 def test_bad_run_loop_settings_are_clear_errors(overrides, message):
     with pytest.raises(ChemFLError, match=message):
-        async_settings(resolve(overrides))
+        StrategySpec.from_config(resolve(overrides))
 
 
 def test_slowdown_setting():
@@ -81,4 +89,4 @@ def test_resume_continues_in_the_same_folder_and_a_new_run_moves_the_old_one_asi
     with pytest.raises(ChemFLError, match="no such run folder"):
         RunOutputs(tmp_path, "run", resume=tmp_path / "missing")
     with pytest.raises(ChemFLError, match="nothing to resume"):
-        Checkpointer(tmp_path / "run" / "checkpoint").load(FedBuff())
+        Checkpointer(tmp_path / "run" / "checkpoint").load(fedbuff_rule())

@@ -5,11 +5,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from chemfl.server_app.aggregation import Staleness
-from chemfl.server_app.async_loop import AsyncRun, AsyncSpec, StopRule
-from chemfl.server_app.async_strategies import FedAsync, FedBuff
+from chemfl.server_app.aggregation import ServerOptimizer, Staleness
+from chemfl.server_app.async_loop import AsyncRun
 from chemfl.server_app.checkpoint import AsyncState, Checkpointer
 from tests.server_app.fake_grid import FakeGrid
+from tests.server_app.rule_defaults import fedasync, fedbuff, settings
 
 pytestmark = pytest.mark.usefixtures("server_task_identity")
 
@@ -22,16 +22,13 @@ def initial_params():
     }
 
 
-def make_run(
-    grid, strategy, versions=6, records=None, evaluate=None, spec=None, stop=None, checkpointer=None, state=None
-):
+def make_run(grid, strategy, versions=6, records=None, evaluate=None, checkpointer=None, state=None, **setting_changes):
     lines = records if records is not None else []
     return AsyncRun(
         grid=grid,
         strategy=strategy,
         state=state or AsyncState(params=initial_params()),
-        spec=spec or AsyncSpec(eval_every=0, poll_seconds=1.0),
-        stop=stop or StopRule(num_versions=versions),
+        settings=settings(**{"num_versions": versions, "eval_every": 0, "poll_seconds": 1.0, **setting_changes}),
         evaluate=evaluate or (lambda version, params: None),
         record=lines.append,
         checkpointer=checkpointer,
@@ -46,7 +43,7 @@ def updates(lines):
 
 def test_fast_nodes_contribute_more_and_each_version_takes_exactly_k_updates():
     grid = FakeGrid(durations={1: 1.0, 2: 1.0, 3: 4.0})
-    run, lines = make_run(grid, FedBuff(buffer_size=3), versions=8)
+    run, lines = make_run(grid, fedbuff(buffer_size=3), versions=8)
     run.run()
     accepted = [line for line in updates(lines) if line["accepted"]]
     assert run.state.version == 8 and len(accepted) == 24  # exactly K = 3 per version
@@ -59,7 +56,7 @@ def test_fast_nodes_contribute_more_and_each_version_takes_exactly_k_updates():
 
 def test_staleness_is_versions_published_since_dispatch():
     grid = FakeGrid(durations={1: 1.0, 2: 10.0})
-    run, lines = make_run(grid, FedAsync(alpha=0.5, staleness=Staleness("sqrt")), versions=12)
+    run, lines = make_run(grid, fedasync(alpha=0.5, staleness=Staleness("sqrt", 0.5, 4.0)), versions=12)
     run.run()
     slow = [line for line in updates(lines) if line["node"] == 2]
     assert slow and slow[0]["version_sent"] == 0 and slow[0]["staleness"] == slow[0]["version"] == 9
@@ -72,7 +69,7 @@ def test_vanishing_and_joining_nodes_do_not_stall_the_run():
         online={1, 2},
         events=[(2.5, "leave", 2), (3.5, "join", 3), (6.5, "join", 2)],
     )
-    run, lines = make_run(grid, FedBuff(buffer_size=2), versions=10)
+    run, lines = make_run(grid, fedbuff(buffer_size=2), versions=10)
     run.run()
     lost = [line for line in lines if line["event"] == "lost"]
     assert [line["node"] for line in lost] == [2]
@@ -84,7 +81,7 @@ def test_vanishing_and_joining_nodes_do_not_stall_the_run():
 
 def test_error_replies_lose_the_work_and_the_node_is_used_again():
     grid = FakeGrid(durations={1: 1.0, 2: 1.5}, reply_kinds={2: ["error"]})
-    run, lines = make_run(grid, FedBuff(buffer_size=2), versions=4)
+    run, lines = make_run(grid, fedbuff(buffer_size=2), versions=4)
     run.run()
     lost = [line for line in lines if line["event"] == "lost"]
     assert len(lost) == 1 and "error 2" in lost[0]["reason"]
@@ -99,8 +96,8 @@ def test_error_replies_lose_the_work_and_the_node_is_used_again():
 def test_malformed_and_nan_updates_are_rejected_and_never_aggregated(kind, reason):
     def run_with(kinds):
         grid = FakeGrid(durations={1: 1.0, 2: 1.3}, reply_kinds={2: kinds})
-        strategy = FedBuff(buffer_size=1)
-        run, lines = make_run(grid, strategy, versions=3, spec=AsyncSpec(eval_every=0, max_update_norm=100.0))
+        strategy = fedbuff(buffer_size=1)
+        run, lines = make_run(grid, strategy, versions=3, max_update_norm=100.0)
         run.run()
         return run, lines
 
@@ -117,16 +114,16 @@ def test_malformed_and_nan_updates_are_rejected_and_never_aggregated(kind, reaso
 
 def test_stops_on_wall_clock_budget_and_on_target_loss():
     grid = FakeGrid(durations={1: 1.0})
-    run, _ = make_run(grid, FedBuff(buffer_size=1), versions=1000, stop=StopRule(1000, max_seconds=5.5))
+    run, _ = make_run(grid, fedbuff(buffer_size=1), versions=1000, max_seconds=5.5)
     run.run()
     assert run.state.version == 5
     losses = iter([3.0, 2.0, 1.0, 0.5, 0.1])
     grid = FakeGrid(durations={1: 1.0})
     run, _ = make_run(
         grid,
-        FedBuff(buffer_size=1),
-        stop=StopRule(1000, target_loss=0.9),
-        spec=AsyncSpec(eval_every=1, poll_seconds=1.0),
+        fedbuff(buffer_size=1),
+        target_loss=0.9,
+        eval_every=1,
         evaluate=lambda version, params: next(losses),
     )
     run.run()
@@ -138,9 +135,10 @@ def test_evaluates_every_n_versions_and_at_the_end():
     grid = FakeGrid(durations={1: 1.0, 2: 1.0})
     run, _ = make_run(
         grid,
-        FedBuff(buffer_size=1),
+        fedbuff(buffer_size=1),
         versions=7,
-        spec=AsyncSpec(eval_every=3),
+        eval_every=3,
+        poll_seconds=0.2,
         evaluate=lambda version, params: evaluated.append(version) or 1.0,
     )
     run.run()
@@ -149,7 +147,7 @@ def test_evaluates_every_n_versions_and_at_the_end():
 
 def test_concurrency_caps_messages_in_flight():
     grid = FakeGrid(durations={1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0})
-    run, _ = make_run(grid, FedAsync(), versions=6, spec=AsyncSpec(concurrency=2, eval_every=0))
+    run, _ = make_run(grid, fedasync(), versions=6, concurrency=2, poll_seconds=0.2)
     in_flight_sizes = []
     original = grid.push_messages
 
@@ -168,7 +166,7 @@ def test_resume_gives_the_uninterrupted_result(tmp_path):
     count and adapter equal those of an uninterrupted run with the same arrival order."""
 
     def strategy():
-        return FedBuff(buffer_size=3, staleness=Staleness("sqrt"))
+        return fedbuff(buffer_size=3, staleness=Staleness("sqrt", 0.5, 4.0))
 
     durations = {1: 1.0}  # one node: the arrival order is the same in both runs
     uninterrupted, _ = make_run(
@@ -201,9 +199,9 @@ def test_checkpoint_keeps_only_what_state_json_names(tmp_path):
     grid = FakeGrid(durations={1: 1.0, 2: 1.5})
     run, _ = make_run(
         grid,
-        FedBuff(
+        fedbuff(
             buffer_size=2,
-            optimizer=__import__("chemfl.server_app.aggregation", fromlist=["x"]).ServerOptimizer("adam", 0.1),
+            optimizer=ServerOptimizer("adam", 0.1, 0.9, 0.99),
         ),
         versions=3,
         checkpointer=Checkpointer(tmp_path),
@@ -212,7 +210,7 @@ def test_checkpoint_keeps_only_what_state_json_names(tmp_path):
     names = sorted(path.name for path in tmp_path.iterdir())
     assert names[-1] == "state.json" and any(n.startswith("global-v3") for n in names)
     assert not any(n.startswith(".") for n in names)
-    restored = FedBuff(buffer_size=2)
+    restored = fedbuff(buffer_size=2)
     state = Checkpointer(tmp_path).load(restored)
     assert state.version == 3 and restored.optimizer_state.step == 3
     assert set(restored.optimizer_state.second_moment) == set(initial_params())

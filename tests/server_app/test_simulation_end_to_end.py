@@ -8,7 +8,7 @@ import tomli_w
 import torch
 
 from chemfl.config import resolve
-from chemfl.data_prep import io
+from chemfl.data_prep import store
 from chemfl.llm.evaluation import EvalSpec, answer_loss, per_task_head
 from chemfl.simulation import simulate
 from tests.tiny import save_tiny_llama
@@ -75,7 +75,7 @@ def test_final_adapter_loads_with_plain_peft_and_reproduces_the_reported_loss(fi
     base = AutoModelForCausalLM.from_pretrained(config["model.name"], dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(config["model.name"])
     model = PeftModel.from_pretrained(base, str(adapter))
-    test = io.read_records(__import__("pathlib").Path(config["data.path"]) / "test.parquet")
+    test = store.read_records(__import__("pathlib").Path(config["data.path"]) / "test.parquet")
     spec = EvalSpec.from_config(config)
     loss = answer_loss(
         model,

@@ -1,7 +1,9 @@
-"""Asynchronous aggregation strategies: each arrival is weighed by its staleness, and the global
-adapter moves without waiting for the slowest facility. The maths live in `aggregation`.
+"""Asynchronous aggregation rules as plain data: each arrival is weighed by its staleness, and the
+global adapter moves without waiting for the slowest facility. The maths live in `aggregation`;
+neither module needs Flower or torch. The Flower strategies in `strategies` run these rules in the
+push/pull loop (`async_loop`).
 
-The loop asks a strategy three things: `plan_dispatch` (which idle nodes get work now, and how
+The loop asks a rule three things: `plan_dispatch` (which idle nodes get work now, and how
 many local steps), `submit` (one validated update; the new global adapter when a version is
 published, else None) and `discard` (work that was lost or rejected). `observe` hears about every
 finished or lost task (timings, remaining walltime). Buffers and optimizer state are plain data,
@@ -99,7 +101,7 @@ def admit(version: int, update: Update, staleness: Staleness, max_staleness: int
 
 
 @dataclass
-class FedBuff(EveryIdleNode):
+class FedBuffRule(EveryIdleNode):
     """FedBuff (Nguyen et al., AISTATS 2022): buffered asynchronous aggregation.
 
     Each arrival adds s(tau_i) * delta_i, delta_i = x_sent - y_i, to a buffer; after exactly K
@@ -113,11 +115,11 @@ class FedBuff(EveryIdleNode):
     rank r by truncated SVD (exact up to the rank-r truncation).
     """
 
-    buffer_size: int = 3
-    staleness: Staleness = field(default_factory=Staleness)
-    max_staleness: int | None = None
-    optimizer: ServerOptimizer = field(default_factory=ServerOptimizer)
-    lora_aggregation: str = "naive"
+    buffer_size: int
+    staleness: Staleness
+    max_staleness: int | None
+    optimizer: ServerOptimizer
+    lora_aggregation: str
     buffer: list[tuple[dict[str, np.ndarray], float]] = field(default_factory=list)
     optimizer_state: ServerOptimizerState = field(default_factory=ServerOptimizerState)
 
@@ -148,14 +150,14 @@ class FedBuff(EveryIdleNode):
 
 
 @dataclass
-class FedAsync(EveryIdleNode):
+class FedAsyncRule(EveryIdleNode):
     """FedAsync (Xie et al., 2019): every arrival is mixed in at once,
     x <- (1 - a_t) x + a_t x_k with a_t = alpha * s(tau); each arrival publishes a version.
     Updates staler than `max_staleness` are dropped."""
 
-    alpha: float = 0.6
-    staleness: Staleness = field(default_factory=lambda: Staleness("polynomial", a=0.5))
-    max_staleness: int | None = None
+    alpha: float
+    staleness: Staleness
+    max_staleness: int | None
 
     def __post_init__(self) -> None:
         if not 0 < self.alpha <= 1:
@@ -171,7 +173,7 @@ class FedAsync(EveryIdleNode):
 
 
 @dataclass
-class FedAvgRounds(EveryIdleNode):
+class FedAvgRoundsRule(EveryIdleNode):
     """FedAvg (McMahan et al., AISTATS 2017) run by the push/pull loop, for virtual-time campaigns
     (Flower's own FedAvg waits on the real clock for nodes to come online).
 
@@ -181,7 +183,7 @@ class FedAvgRounds(EveryIdleNode):
     and the next one starts from the same version). Nodes that come online mid-round wait.
     """
 
-    min_nodes: int = 1
+    min_nodes: int
     outstanding: int = 0
     replies: list[tuple[dict[str, np.ndarray], int]] = field(default_factory=list)
 
@@ -224,7 +226,7 @@ class FacilityEstimate:
 
 
 @dataclass
-class WalltimeAware(FedAsync):
+class WalltimeAwareRule(FedAsyncRule):
     """Walltime-aware asynchronous aggregation: every task is planned around its facility's batch
     job from what the facilities report (the walltime budget of FedQueue, arXiv 2605.02125), and
     every arrival is mixed in at once with FedAsync's rule (Xie et al., 2019):
@@ -244,11 +246,11 @@ class WalltimeAware(FedAsync):
     arrival reached the target loss in about half the updates of FedBuff's K = 3 (README, Measured).
     """
 
-    base_steps: int = 8
-    min_steps: int = 2
-    max_steps: int = 64
-    margin_seconds: float = 30.0
-    momentum: float = 0.5
+    base_steps: int
+    min_steps: int
+    max_steps: int
+    margin_seconds: float
+    momentum: float
     estimates: dict[str, FacilityEstimate] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -1,0 +1,151 @@
+"""Every `strategy.*` knob (and the few others a strategy reads) parsed and checked in one place.
+
+No Flower, no torch: the ServerApp, the benchmarks and `chemfl simulate`'s up-front checks all
+read the same spec. Defaults are pyproject's, through `chemfl.config.resolve`; nothing here
+repeats them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from chemfl.config import Scalar
+from chemfl.errors import ChemFLError
+from chemfl.server_app.aggregation import ServerOptimizer, Staleness
+from chemfl.server_app.rules import (
+    LORA_AGGREGATIONS,
+    FedAsyncRule,
+    FedAvgRoundsRule,
+    FedBuffRule,
+    WalltimeAwareRule,
+)
+
+SYNCHRONOUS = ("fedavg",)
+ASYNCHRONOUS = ("fedbuff", "fedasync", "walltime-aware")
+STRATEGIES = SYNCHRONOUS + ASYNCHRONOUS
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    name: str
+    virtual_time: bool  # emulation.virtual-time: every strategy, FedAvg included, runs in the push/pull loop
+    # synchronous FedAvg (Flower's own)
+    num_rounds: int
+    fraction_train: float
+    fraction_evaluate: float
+    min_nodes: int
+    round_timeout: float
+    # the asynchronous loop
+    num_versions: int
+    max_seconds: float
+    target_loss: float
+    concurrency: int
+    message_ttl: float
+    max_update_norm: float
+    eval_every: int
+    # the rules
+    buffer_size: int
+    staleness: Staleness
+    max_staleness: int | None  # None: never drop
+    server_optimizer: ServerOptimizer
+    fedasync_alpha: float
+    lora_aggregation: str
+    local_steps: int  # train.local-steps: a task's steps unless the strategy sizes it
+    min_local_steps: int
+    max_local_steps: int
+    walltime_margin: float
+    estimate_momentum: float
+
+    @property
+    def asynchronous(self) -> bool:
+        """Runs in the push/pull loop (Flower's FedAvg waits on the real clock, so not under virtual time)."""
+        return self.name in ASYNCHRONOUS or self.virtual_time
+
+    @classmethod
+    def from_config(cls, config: dict[str, Scalar]) -> StrategySpec:
+        """From a resolved run config; every bad value is a ChemFLError naming the knob."""
+        name = str(config["strategy.name"])
+        if name not in STRATEGIES:
+            raise ChemFLError(f"unknown strategy.name {name!r}; use one of {', '.join(STRATEGIES)}")
+        max_staleness = int(config["strategy.max-staleness"])
+        try:
+            spec = cls(
+                name=name,
+                virtual_time=bool(config["emulation.virtual-time"]),
+                num_rounds=int(config["strategy.num-rounds"]),
+                fraction_train=float(config["strategy.fraction-train"]),
+                fraction_evaluate=float(config["strategy.fraction-evaluate"]),
+                min_nodes=int(config["strategy.min-nodes"]),
+                round_timeout=float(config["strategy.round-timeout"]),
+                num_versions=int(config["strategy.num-versions"]),
+                max_seconds=float(config["strategy.max-seconds"]),
+                target_loss=float(config["strategy.target-loss"]),
+                concurrency=int(config["strategy.concurrency"]),
+                message_ttl=float(config["strategy.message-ttl"]),
+                max_update_norm=float(config["strategy.max-update-norm"]),
+                eval_every=int(config["eval.every"]),
+                buffer_size=int(config["strategy.buffer-size"]),
+                staleness=Staleness(
+                    str(config["strategy.staleness"]),
+                    float(config["strategy.staleness-a"]),
+                    float(config["strategy.staleness-b"]),
+                ),
+                max_staleness=None if max_staleness < 0 else max_staleness,
+                server_optimizer=ServerOptimizer(
+                    str(config["strategy.server-optimizer"]),
+                    float(config["strategy.server-lr"]),
+                    float(config["strategy.server-beta1"]),
+                    float(config["strategy.server-beta2"]),
+                ),
+                fedasync_alpha=float(config["strategy.fedasync-alpha"]),
+                lora_aggregation=str(config["lora.aggregation"]),
+                local_steps=int(config["train.local-steps"]),
+                min_local_steps=int(config["strategy.min-local-steps"]),
+                max_local_steps=int(config["strategy.max-local-steps"]),
+                walltime_margin=float(config["strategy.walltime-margin"]),
+                estimate_momentum=float(config["strategy.estimate-momentum"]),
+            )
+            spec.check(freeze_a=bool(config["lora.freeze-a"]))
+            spec.rule()  # the rule checks its own arguments
+        except ValueError as error:
+            raise ChemFLError(f"strategy {name}: {error}") from error
+        return spec
+
+    def check(self, freeze_a: bool) -> None:
+        """Values each rule's constructor cannot see on its own (the rules check the rest)."""
+        if self.concurrency < 0:
+            raise ValueError(f"strategy.concurrency = {self.concurrency} must be >= 0 (0: every online node)")
+        if self.num_versions < 1:
+            raise ValueError(f"strategy.num-versions = {self.num_versions} must be >= 1")
+        if self.message_ttl <= 0:
+            raise ValueError(f"strategy.message-ttl = {self.message_ttl} must be > 0 seconds")
+        if self.eval_every < 0:
+            raise ValueError(f"eval.every = {self.eval_every} must be >= 0 (0: first and last only)")
+        if self.lora_aggregation not in LORA_AGGREGATIONS:
+            raise ValueError(f"lora.aggregation = {self.lora_aggregation!r}; use one of {', '.join(LORA_AGGREGATIONS)}")
+        if self.name == "fedbuff" and self.lora_aggregation == "svd" and freeze_a:
+            raise ValueError(
+                'lora.aggregation = "svd" needs both A and B; with lora.freeze-a the plain '
+                'average is already exact: use lora.aggregation = "naive"'
+            )
+
+    def rule(self) -> FedBuffRule | FedAsyncRule | FedAvgRoundsRule | WalltimeAwareRule:
+        """The asynchronous rule this spec selects (FedAvg rounds for `fedavg` under virtual time)."""
+        if self.name == "fedavg":
+            return FedAvgRoundsRule(self.min_nodes)
+        if self.name == "fedasync":
+            return FedAsyncRule(self.fedasync_alpha, self.staleness, self.max_staleness)
+        if self.name == "walltime-aware":
+            return WalltimeAwareRule(
+                alpha=self.fedasync_alpha,
+                staleness=self.staleness,
+                max_staleness=self.max_staleness,
+                base_steps=self.local_steps,
+                min_steps=self.min_local_steps,
+                max_steps=self.max_local_steps,
+                margin_seconds=self.walltime_margin,
+                momentum=self.estimate_momentum,
+            )
+        return FedBuffRule(
+            self.buffer_size, self.staleness, self.max_staleness, self.server_optimizer, self.lora_aggregation
+        )

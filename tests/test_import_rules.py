@@ -1,0 +1,64 @@
+"""The dependency rules between rooms, checked in the imports themselves: each module is imported
+in a fresh interpreter and `sys.modules` is inspected (grep cannot see what an import pulls in)."""
+
+from __future__ import annotations
+
+import json
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import chemfl
+
+ROOT = Path(chemfl.__file__).resolve().parent
+
+
+def modules(room: str) -> list[str]:
+    """Every module of a room (a package under chemfl/, or one module)."""
+    path = ROOT / room.replace("chemfl.", "", 1).replace(".", "/")
+    if not path.is_dir():
+        return [room]
+    return [room] + [info.name for info in pkgutil.walk_packages([str(path)], prefix=f"{room}.")]
+
+
+def loaded_after_import(module: str) -> set[str]:
+    code = f"import sys, json, {module}; print(json.dumps(sorted(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return set(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+def offenders(loaded: set[str], forbidden: tuple[str, ...]) -> list[str]:
+    return sorted(name for name in loaded if any(name == f or name.startswith(f + ".") for f in forbidden))
+
+
+RULES = [
+    # (room, what it must not load, why)
+    ("chemfl.server_app.aggregation", ("torch", "flwr"), "aggregation maths are pure numpy"),
+    ("chemfl.server_app.rules", ("torch", "flwr"), "strategy rules need neither torch nor Flower"),
+    ("chemfl.server_app.strategy_spec", ("torch", "flwr"), "strategy settings are plain data"),
+    ("chemfl.protocol", ("torch", "flwr"), "the message and metrics contract is plain data"),
+    ("chemfl.hpc", ("torch", "flwr", "chemfl.launcher"), "HPC facts are a neutral room"),
+    ("chemfl.launcher", ("torch", "chemfl.server_app", "chemfl.client_app"), "the launcher never imports torch"),
+    ("chemfl.data_prep", ("flwr", "chemfl.server_app", "chemfl.client_app"), "data_prep knows no Flower apps"),
+    ("chemfl.report", ("torch", "flwr"), "the report only reads run folders"),
+    ("chemfl.server_app", ("chemfl.launcher",), "nothing on the server side imports the launcher"),
+    ("chemfl.emulation", ("chemfl.launcher",), "the emulator replays launch logs through chemfl.hpc"),
+    ("chemfl.client_app", ("chemfl.launcher",), "the ClientApp reads walltime through chemfl.hpc"),
+]
+
+
+@pytest.mark.parametrize(
+    "module, forbidden, why",
+    [(module, forbidden, why) for room, forbidden, why in RULES for module in modules(room)],
+)
+def test_module_loads_nothing_its_room_forbids(module, forbidden, why):
+    assert offenders(loaded_after_import(module), forbidden) == [], why
+
+
+def test_the_check_itself_sees_a_forbidden_import():
+    # The ClientApp trains, so it loads torch and Flower: the same check must notice them.
+    loaded = loaded_after_import("chemfl.client_app.app")
+    assert offenders(loaded, ("torch",)) and offenders(loaded, ("flwr",))
