@@ -77,6 +77,7 @@ DEFAULTS: dict[str, Scalar] = {
     "strategy.walltime-margin": 30.0,
     "strategy.estimate-momentum": 0.5,
     "resume": "",
+    "eval.at": "server",
     "eval.every": 0,
     "eval.loss-per-task": 16,
     "eval.generate-per-task": 6,

@@ -22,11 +22,25 @@ ARRAYS = "arrays"  # ArrayRecord: the adapter tensors, both ways
 CONFIG = "config"  # ConfigRecord: the task (server -> node)
 METRICS = "metrics"  # MetricRecord: what training or evaluation measured (node -> server)
 NODE = "node"  # ConfigRecord: who replied (node -> server)
+EVALUATION = "evaluation"  # ConfigRecord: a facility's evaluation of the global adapter on the test set
+EVALUATION_RESULT = "result"  # its one key: the result as JSON (per-task metrics nest, records do not)
 
 # Message types the ClientApp handles.
 TRAIN, EVALUATE, QUERY = "train", "evaluate", "query"
 
 NUM_EXAMPLES = "num-examples"  # the weight of a node's update (McMahan et al.'s n_k)
+
+
+class NodeConfig:
+    """Keys of a SuperNode's node config (`flower-supernode --node-config`), as the launcher's
+    scripts write them and the ClientApp reads them."""
+
+    FACILITY = "facility"
+    DATA_PATH = "data-path"  # the facility's shard folder (deployment)
+    DATA_SLICE = "data-slice"  # "i/n": this SuperNode's slice of the shard (per-GPU layout)
+    JOB_END_TIME = "job-end-time"  # epoch seconds the batch job ends
+    TRAINER = "trainer"  # "unix:/path/to/socket": relay tasks to the facility trainer (per-job layout)
+    TRAINER_SECRET_FILE = "trainer-secret-file"  # the per-job secret the trainer authenticates with
 
 
 def task_local_steps(task_steps: int | None, train_local_steps: int) -> int:
@@ -41,20 +55,25 @@ class Task:
 
     `server_round` is Flower's own key (its FedAvg sets it); `task_id` numbers asynchronous
     dispatches, so each task gets its own batch order; `local_steps` is set when a strategy sizes
-    the task (e.g. to fit the walltime left); `lora_a_digest` is FFA-LoRA's frozen-A check.
+    the task (e.g. to fit the walltime left); `lora_a_digest` is FFA-LoRA's frozen-A check;
+    `evaluate_on = "test"` asks an evaluate handler for the central evaluation on the held-out test
+    set (`eval.at = <facility>`) instead of the loss on the node's validation shard.
     """
 
     server_round: int | None = None
     task_id: int | None = None
     local_steps: int | None = None
     lora_a_digest: str | None = None
+    evaluate_on: str | None = None
 
     KEYS: ClassVar[dict[str, str]] = {
         "server_round": "server-round",
         "task_id": "task-id",
         "local_steps": "local-steps",
         "lora_a_digest": "lora-a-digest",
+        "evaluate_on": "evaluate-on",
     }
+    TEST_SET: ClassVar[str] = "test"
 
     def to_config(self) -> dict[str, Any]:
         return _to_keys(self, self.KEYS)
@@ -213,6 +232,20 @@ class VersionLine:
 
 
 @dataclass(frozen=True)
+class EvaluationLine:
+    """A central evaluation that a facility ran (`eval.at = <facility>`): it arrives after the
+    version it evaluates, so it carries that version's time; training never waited for it."""
+
+    EVENT: ClassVar[str] = "evaluation"
+    version: int  # the round (FedAvg) or version (asynchronous) evaluated
+    version_time: float  # when that version was published
+    wall_time: float  # when the result arrived
+    facility: str
+    eval_loss: float
+    eval: dict = field(default_factory=dict)  # chemfl.llm.evaluation's result, as the server computes it
+
+
+@dataclass(frozen=True)
 class UpdateLine:
     """One trained update that reached the server, used or not."""
 
@@ -265,9 +298,9 @@ class JobLine:
             raise ValueError(f"job state {self.state!r} is not one of {', '.join(self.STATES)}")
 
 
-MetricsLine = RunLine | RoundLine | VersionLine | UpdateLine | LostLine | JobLine
+MetricsLine = RunLine | RoundLine | VersionLine | EvaluationLine | UpdateLine | LostLine | JobLine
 LINE_TYPES: dict[str, type] = {
-    kind.EVENT: kind for kind in (RunLine, RoundLine, VersionLine, UpdateLine, LostLine, JobLine)
+    kind.EVENT: kind for kind in (RunLine, RoundLine, VersionLine, EvaluationLine, UpdateLine, LostLine, JobLine)
 }
 
 

@@ -1,145 +1,56 @@
-"""Flower glue for the ClientApp: messages in, chemfl.llm calls, messages out."""
+"""Flower glue for the ClientApp: messages in, training or evaluation, messages out.
+
+Two paths, chosen by the node config. With `trainer = "unix:/path/to/socket"` (the launcher's
+per-job layout) the ClientApp is a relay: it forwards the message's arrays and task to the
+facility trainer, a long-lived data-parallel process group that keeps the model loaded, and
+replies with what it returns; on that path this process imports neither torch nor transformers,
+so Flower's per-message ClientApp start costs well under a second. Without it (simulation, the
+per-GPU layout) the model is loaded and trained in this process (`chemfl.client_app.local`).
+"""
 
 from __future__ import annotations
 
-from dataclasses import replace
-from functools import lru_cache
-from logging import WARNING
-from pathlib import Path
-
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
-from flwr.common.logger import log
 
-from chemfl.config import resolve
-from chemfl.data_prep.formatting import LazyExamples
-from chemfl.data_prep.shards import Shard, load_shard, shard_dir_for
-from chemfl.emulation import emulate_slowdown
-from chemfl.errors import ChemFLError
-from chemfl.hpc.walltime import remaining_walltime
-from chemfl.llm.evaluation import EvalSpec, evaluate
-from chemfl.llm.lora import exchanged_state, frozen_a_digest, load_exchanged_state
-from chemfl.llm.session import get_session
-from chemfl.llm.training import TrainSpec, train_local
-from chemfl.protocol import ARRAYS, CONFIG, METRICS, NODE, EvalReport, NodeInfo, Task, TrainReport, task_local_steps
+from chemfl import protocol
 
 app = ClientApp()
 
 
-def parse_slice(setting: str) -> tuple[int, int]:
-    """Node config `data-slice = "i/n"`: this SuperNode trains on records i, i+n, i+2n, ... of its
-    facility's shard, so n SuperNodes of one facility never train on the same examples."""
-    index, _, count = str(setting).partition("/")
-    try:
-        i, n = int(index), int(count)
-    except ValueError:
-        i, n = -1, 0
-    if not 0 <= i < n:
-        raise ChemFLError(f"node config data-slice = {setting!r} must be 'i/n' with 0 <= i < n, e.g. data-slice='1/4'")
-    return i, n
-
-
-@lru_cache(maxsize=4)
-def _shard(folder: str, data_slice: str) -> Shard:
-    """The shard (a SuperNode's slice of it, with node config data-slice), read once per process."""
-    shard = load_shard(Path(folder))
-    if not data_slice:
-        return shard
-    index, count = parse_slice(data_slice)
-    return replace(shard, train=shard.train[index::count])
-
-
-def _node_shard(config: dict, context: Context) -> Shard:
-    folder = shard_dir_for(str(config["data.path"]), dict(context.node_config))
-    return _shard(str(folder), str(context.node_config.get("data-slice", "")))
-
-
-def _node_record(shard: Shard, context: Context) -> ConfigRecord:
-    """Who replied: facility name and, inside a batch job, the seconds of walltime left."""
-    return ConfigRecord(NodeInfo(shard.facility, remaining_walltime(dict(context.node_config))).to_record())
-
-
-_EXAMPLES: dict[tuple, LazyExamples] = {}
-
-
-def _training_examples(session, shard: Shard, max_length: int, system_prompt: str) -> LazyExamples:
-    """Tokenized on first use and kept for the process's later rounds (simulation actors persist)."""
-    key = (shard.build_id, shard.facility, len(shard.train), max_length, system_prompt, id(session.tokenizer))
-    if key not in _EXAMPLES:
-        _EXAMPLES.clear()
-        _EXAMPLES[key] = LazyExamples(session.tokenizer, shard.train, max_length, system_prompt)
-    return _EXAMPLES[key]
-
-
-def _receive_adapter(session, msg: Message) -> Task:
-    """Loads the adapter the server sent into the node's model; returns the task that came with it."""
-    task = Task.from_config(msg.content[CONFIG])
-    if session.lora_spec.freeze_a and task.lora_a_digest != frozen_a_digest(session.model):
-        raise ChemFLError(
-            "this node's frozen LoRA A differs from the server's; both must use the same "
-            "model.name, lora.* settings and lora.seed"
-        )
-    load_exchanged_state(session.model, session.lora_spec, msg.content[ARRAYS].to_torch_state_dict())
-    return task
+def _relaying(context: Context) -> bool:
+    return protocol.NodeConfig.TRAINER in context.node_config
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    config = resolve(context.run_config)
-    spec = TrainSpec.from_config(config)
-    session = get_session(config)
-    shard = _node_shard(config, context)
-    task = _receive_adapter(session, msg)
-    spec = replace(spec, local_steps=task_local_steps(task.local_steps, spec.local_steps))
-    examples = _training_examples(session, shard, spec.max_length, str(config["model.system-prompt"]))
-    # A different batch order for every task (round, or asynchronous dispatch) and facility,
-    # reproducible from the seeds.
-    seed = spec.seed * 1_000_003 + task.batch_order_key * 1_009 + shard.partition_id
-    cut_before = (examples.report.truncated, examples.report.dropped)
-    result = train_local(session.model, examples, spec, session.tokenizer.pad_token_id, seed, session.accelerator)
-    emulate_slowdown(str(config["emulation.slowdown"]), shard.facility, result.seconds)
-    if (examples.report.truncated, examples.report.dropped) != cut_before:  # stays on the node: its own log
-        log(
-            WARNING,
-            "%s: %d examples truncated, %d dropped at train.max-length = %d so far",
-            shard.facility,
-            examples.report.truncated,
-            examples.report.dropped,
-            spec.max_length,
-        )
-    report = TrainReport(len(examples), result.loss, result.steps, result.seconds, result.tokens_per_second)
-    reply = RecordDict(
-        {
-            ARRAYS: ArrayRecord(exchanged_state(session.model, session.lora_spec)),
-            METRICS: MetricRecord(report.to_metrics()),
-            NODE: _node_record(shard, context),
-        }
-    )
-    return Message(content=reply, reply_to=msg)
+    if _relaying(context):
+        from chemfl.client_app import relay
+
+        return relay.forward(protocol.TRAIN, msg, context)
+    from chemfl.client_app import local
+
+    return local.train(msg, context)
+
+
+@app.evaluate()
+def evaluate_node(msg: Message, context: Context) -> Message:
+    if _relaying(context):
+        from chemfl.client_app import relay
+
+        return relay.forward(protocol.EVALUATE, msg, context)
+    from chemfl.client_app import local
+
+    return local.evaluate_node(msg, context)
 
 
 @app.query()
 def describe_node(msg: Message, context: Context) -> Message:
     """Which facility this SuperNode serves (the emulated campaign maps nodes to facilities)."""
-    config = resolve(context.run_config)
-    return Message(content=RecordDict({NODE: _node_record(_node_shard(config, context), context)}), reply_to=msg)
+    if _relaying(context):
+        from chemfl.client_app import relay
 
+        return relay.describe_node(msg, context)
+    from chemfl.client_app import local
 
-@app.evaluate()
-def evaluate_node(msg: Message, context: Context) -> Message:
-    config = resolve(context.run_config)
-    session = get_session(config)
-    shard = _node_shard(config, context)
-    _receive_adapter(session, msg)
-    spec = replace(EvalSpec.from_config(config), generate_per_task=int(config["eval.node-generate-per-task"]))
-    result = evaluate(
-        session.model,
-        session.tokenizer,
-        shard.validation,
-        spec,
-        int(config["train.max-length"]),
-        str(config["model.system-prompt"]),
-    )
-    exact_match = result["overall"]["exact_match"] if result["overall"] else None
-    report = EvalReport(result["n_loss"], result["loss"], exact_match)
-    return Message(content=RecordDict({METRICS: MetricRecord(report.to_metrics())}), reply_to=msg)
+    return local.describe_node(msg, context)

@@ -9,6 +9,7 @@ from chemfl import files
 from chemfl.data_prep import store
 from chemfl.data_prep.build import verify_build
 from chemfl.errors import ChemFLError
+from chemfl.protocol import NodeConfig
 
 
 @dataclass(frozen=True)
@@ -23,8 +24,8 @@ class Shard:
 def shard_dir_for(data_path: str, node_config: dict) -> Path:
     """Deployment: node config `data-path` is the shard folder. Simulation: the partition-id-th
     facility of the build at `data_path`."""
-    if "data-path" in node_config:
-        return Path(str(node_config["data-path"])).expanduser()
+    if NodeConfig.DATA_PATH in node_config:
+        return Path(str(node_config[NodeConfig.DATA_PATH])).expanduser()
     if "partition-id" not in node_config:
         raise ChemFLError(
             "this SuperNode has neither a data-path nor a partition-id in its node config; "
@@ -67,3 +68,23 @@ def load_shard(folder: Path) -> Shard:
         store.read_records(folder / "train.parquet"),
         store.read_records(folder / "validation.parquet"),
     )
+
+
+def load_test_set(shard_folder: Path) -> list[dict]:
+    """The held-out test set for a facility that evaluates the global adapter (`eval.at`): a
+    `test.parquet` copied beside the shard (deployment), else the build's own, two folders up
+    (`data.path/partitions/<facility>` in simulation), checked against the build manifest."""
+    beside = shard_folder / "test.parquet"
+    if beside.is_file():
+        return store.read_records(beside)
+    build = shard_folder.parent.parent
+    manifest_path = build / store.MANIFEST
+    if not manifest_path.is_file() or not (build / "test.parquet").is_file():
+        raise ChemFLError(
+            f"eval.at names this facility but there is no test set at {beside} or {build / 'test.parquet'}; "
+            "copy the build's test.parquet next to the shard"
+        )
+    expected = files.read_json(manifest_path).get("files", {}).get("test.parquet")
+    if expected is not None and files.file_sha256(build / "test.parquet") != expected:
+        raise ChemFLError(f"{build / 'test.parquet'} does not match the build manifest; copy it again")
+    return store.read_records(build / "test.parquet")

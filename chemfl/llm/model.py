@@ -120,12 +120,22 @@ def _cache_key(location: str, gguf: str) -> str:
     return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
+def _materialized_folder(location: str, gguf: str, cache_dir: str) -> Path:
+    return Path(cache_dir).expanduser() / "models" / f"{Path(gguf).stem}-{_cache_key(location, gguf)}"
+
+
+def materialized_location(location: str, gguf: str, cache_dir: str) -> Path | None:
+    """The safetensors copy of a GGUF checkpoint if it was made already, else None."""
+    target = _materialized_folder(location, gguf, cache_dir)
+    return target if (target / "model.safetensors").is_file() else None
+
+
 def materialize_gguf(location: str, gguf: str, cache_dir: str) -> Path:
     """A safetensors copy of a GGUF checkpoint (made once, atomically); its folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = Path(cache_dir).expanduser() / "models" / f"{Path(gguf).stem}-{_cache_key(location, gguf)}"
-    if (target / "model.safetensors").is_file():
+    target = _materialized_folder(location, gguf, cache_dir)
+    if materialized_location(location, gguf, cache_dir) is not None:
         return target
     staging = files.staging_dir(target)
     try:

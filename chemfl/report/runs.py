@@ -226,6 +226,7 @@ class _MetricsReader:
             protocol.RunLine: self._run,
             protocol.RoundLine: self._round,
             protocol.VersionLine: self._version,
+            protocol.EvaluationLine: self._evaluation,
             protocol.UpdateLine: self._update,
             protocol.LostLine: self._lost,
             protocol.JobLine: self._job,
@@ -261,6 +262,11 @@ class _MetricsReader:
         self.versions = max(self.versions, int(line.version))
         if line.eval_loss is not None:
             self.evaluations.append(Evaluation(time, float(line.eval_loss)))
+
+    def _evaluation(self, line: protocol.EvaluationLine) -> None:
+        """A facility's evaluation: it belongs to the time its version was published."""
+        self._time(line.wall_time)
+        self.evaluations.append(Evaluation(self._time(line.version_time), float(line.eval_loss)))
 
     def _update(self, line: protocol.UpdateLine) -> None:
         if line.facility is not None:

@@ -5,6 +5,7 @@ centralized evaluation, write outputs/<run-name>/."""
 from __future__ import annotations
 
 import time
+from functools import partial
 from logging import INFO
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from chemfl.emulation import parse_slowdown
 from chemfl.emulation.campaign import CampaignSpec
 from chemfl.emulation.grid import EmulatedGrid, discover_facilities
 from chemfl.errors import ChemFLError
+from chemfl.llm.adapter_init import adapter_skeleton
 from chemfl.llm.evaluation import EvalSpec
 from chemfl.llm.lora import exchanged_state, frozen_a_digest
 from chemfl.llm.model import LoraSpec, ModelSpec
@@ -27,13 +29,29 @@ from chemfl.llm.session import get_session
 from chemfl.llm.training import TrainSpec
 from chemfl.protocol import RunLine, Task
 from chemfl.server_app.checkpoint import Checkpointer
-from chemfl.server_app.evaluation import CentralEvaluator, before_after_table
+from chemfl.server_app.evaluation import CentralEvaluator, LocalEvaluation, before_after_table
+from chemfl.server_app.facility_evaluation import FacilityEvaluation
 from chemfl.server_app.grid import PromptGrid
 from chemfl.server_app.outputs import RunOutputs
 from chemfl.server_app.strategies import AsynchronousStrategy, RunHooks, make_strategy
 from chemfl.server_app.strategy_spec import StrategySpec
 
 app = ServerApp()
+
+
+SERVER = "server"
+
+
+def check_evaluation_site(config: dict, spec: StrategySpec) -> str:
+    """`eval.at`: "server", or a facility of `data.facilities` (not under virtual time, whose
+    emulated grid times training tasks only)."""
+    site = str(config["eval.at"])
+    facilities = split_list(str(config["data.facilities"]))
+    if site != SERVER and site not in facilities:
+        raise ChemFLError(f'eval.at = {site!r}; use "server" or one of data.facilities ({", ".join(facilities)})')
+    if site != SERVER and spec.virtual_time:
+        raise ChemFLError('eval.at = <facility> is for real-time runs; emulated campaigns use eval.at = "server"')
+    return site
 
 
 def campaign_hooks(grid: Grid, campaign: CampaignSpec, spec: StrategySpec, outputs: RunOutputs) -> tuple:
@@ -77,6 +95,7 @@ def main(grid: Grid, context: Context) -> None:
         if spec.virtual_time
         else None
     )
+    evaluation_site = check_evaluation_site(config, spec)
     rounds: dict[int, dict] = {}
     strategy = make_strategy(spec, lambda server_round, info: rounds.__setitem__(server_round, info))
     resume = str(config["resume"])
@@ -95,11 +114,26 @@ def main(grid: Grid, context: Context) -> None:
         Path(str(config["outputs.dir"])), str(config["run-name"]), resume=Path(resume) if resume else None
     )
     outputs.write_json("config.json", config)
-    session = get_session(config)
-    initial = ArrayRecord(exchanged_state(session.model, session.lora_spec))
-    digest = frozen_a_digest(session.model) if session.lora_spec.freeze_a else None
+    lora_spec = LoraSpec.from_config(config)
+    facility_evaluation = None
+    if evaluation_site == SERVER:
+        session = get_session(config)
+        adapter_model = session.model
+        run_evaluation = LocalEvaluation(session, test_records, eval_spec, config)
+    else:  # nothing here needs the base weights: a weightless skeleton holds the adapter
+        adapter_model = adapter_skeleton(ModelSpec.from_config(config), lora_spec)
+        log(INFO, "eval.at = %s: base model not loaded (the adapter is built from its config)", evaluation_site)
+    initial = ArrayRecord(exchanged_state(adapter_model, lora_spec))
+    digest = frozen_a_digest(adapter_model) if lora_spec.freeze_a else None
     train_config = ConfigRecord(Task(lora_a_digest=digest).to_config())  # strategies add round and task
-    evaluator = CentralEvaluator(session, test_records, eval_spec, config, outputs, spec.num_rounds, rounds)
+    if evaluation_site != SERVER:
+        facility_evaluation = FacilityEvaluation(
+            PromptGrid(grid), evaluation_site, dict(train_config), spec.message_ttl, on_result=None
+        )
+        run_evaluation = facility_evaluation.evaluate_state
+    evaluator = CentralEvaluator(adapter_model, lora_spec, run_evaluation, config, outputs, spec.num_rounds, rounds)
+    if facility_evaluation is not None:
+        facility_evaluation.on_result = partial(evaluator.facility_result, evaluation_site)
     log(
         INFO,
         "ChemFL: %s, %d test records, adapter %.2f MB",
@@ -109,7 +143,9 @@ def main(grid: Grid, context: Context) -> None:
     )
     started = time.perf_counter()
     if isinstance(strategy, AsynchronousStrategy):
-        run_asynchronous(grid, strategy, spec, campaign, initial, train_config, evaluator, outputs, resume)
+        run_asynchronous(
+            grid, strategy, spec, campaign, initial, train_config, evaluator, outputs, resume, facility_evaluation
+        )
     else:
         strategy.start(
             grid=PromptGrid(grid),
@@ -134,6 +170,7 @@ def run_asynchronous(
     evaluator: CentralEvaluator,
     outputs: RunOutputs,
     resume: str,
+    facility_evaluation: FacilityEvaluation | None,
 ) -> None:
     """The asynchronous strategy's `start`, with checkpoints and resume in real time, or on the
     emulated grid of a virtual-time campaign."""
@@ -143,7 +180,9 @@ def run_asynchronous(
         grid = emulated
     else:
         checkpointer = Checkpointer(outputs.dir / "checkpoint")
-        hooks = RunHooks(record=outputs.append_metrics, checkpointer=checkpointer)
+        hooks = RunHooks(
+            record=outputs.append_metrics, checkpointer=checkpointer, deferred_evaluation=facility_evaluation
+        )
         if resume:
             hooks.resume_state = checkpointer.load(strategy.rule)
             expected = {name: tuple(array.shape) for name, array in initial.items()}

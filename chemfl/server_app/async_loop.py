@@ -15,6 +15,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
+from typing import Protocol
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
@@ -52,6 +53,17 @@ class LoopSettings:
     max_update_norm: float  # 0: no bound on ||y - x_sent||
     eval_every: int  # versions between centralized evaluations (0: first and last only)
     poll_seconds: float = POLL_SECONDS
+
+
+class DeferredEvaluation(Protocol):
+    """Central evaluation that runs elsewhere (a facility, `eval.at`): requested now, its loss
+    collected when it comes back, so training never waits for it."""
+
+    def request(self, step: int, params: Params, requested_at: float) -> None: ...
+
+    def collect(self, now: float) -> list[tuple[int, float]]: ...  # (version, loss) back since the last call
+
+    def pending(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -113,6 +125,7 @@ class AsyncRun:
     checkpointer: Checkpointer | None = None
     train_config: dict = field(default_factory=dict)
     keys: RecordKeys = field(default_factory=RecordKeys)
+    deferred: DeferredEvaluation | None = None  # evaluation elsewhere: `evaluate` is not called
     on_update: Callable[[int, dict], None] | None = None  # (version it goes into, reply metrics) per accepted update
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
@@ -139,11 +152,13 @@ class AsyncRun:
                     break
                 with self._server_time():
                     self._receive(reply)
+            self._collect_deferred()
             if not arrived:
                 self.sleep(self.settings.poll_seconds)
         log(INFO, "stopping: %s", self._stop_reason())
         if self.state.last_evaluated != self.state.version:
             self._evaluate(force=True)
+        self._wait_for_deferred()
         return self.state.params
 
     # --- stopping ------------------------------------------------------------------------------
@@ -338,6 +353,10 @@ class AsyncRun:
         every = self.settings.eval_every
         if not force and not (every > 0 and self.state.version % every == 0):
             return None
+        if self.deferred is not None:
+            self.deferred.request(self.state.version, self.state.params, self.elapsed())
+            self.state.last_evaluated = self.state.version
+            return None
         started = time.perf_counter()
         loss = self.evaluate(self.state.version, self.state.params)
         self.evaluation_seconds += time.perf_counter() - started
@@ -345,3 +364,23 @@ class AsyncRun:
         if loss is not None:
             self.last_loss = loss
         return loss
+
+    def _collect_deferred(self) -> None:
+        if self.deferred is None:
+            return
+        returned = sorted(self.deferred.collect(self.elapsed()))
+        if returned:
+            self.last_loss = returned[-1][1]  # the newest version's loss decides the target rule
+
+    def _wait_for_deferred(self) -> None:
+        """The final evaluation (and any still queued) comes back before the run ends; a facility
+        that stays away longer than a task's TTL is given up on, with a warning."""
+        if self.deferred is None:
+            return
+        deadline = self.clock() + self.settings.message_ttl
+        while self.deferred.pending() and self.clock() < deadline:
+            self._collect_deferred()
+            self.sleep(self.settings.poll_seconds)
+        self._collect_deferred()
+        if self.deferred.pending():
+            log(WARNING, "evaluations still pending after %.0f s; the run ends without them", self.settings.message_ttl)

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Callable
 from logging import INFO
 
+import numpy as np
+import torch
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.common.logger import log
 from rich.console import Console
@@ -15,26 +18,55 @@ from rich.table import Table
 from chemfl import protocol
 from chemfl.llm.evaluation import EvalSpec, evaluate
 from chemfl.llm.lora import load_exchanged_state
-from chemfl.protocol import EvalReport, RoundLine, TrainReport
+from chemfl.protocol import EvalReport, EvaluationLine, RoundLine, TrainReport
+
+
+class LocalEvaluation:
+    """Evaluation in the ServerApp's own process, on the base model it loaded (`eval.at = "server"`)."""
+
+    def __init__(self, session, test_records, spec: EvalSpec, config: dict):
+        self.session, self.test_records, self.spec = session, test_records, spec
+        self.max_length = int(config["train.max-length"])
+        self.system_prompt = str(config["model.system-prompt"])
+
+    def __call__(self, step: int, state: dict) -> dict:
+        load_exchanged_state(self.session.model, self.session.lora_spec, state)
+        return evaluate(
+            self.session.model,
+            self.session.tokenizer,
+            self.test_records,
+            self.spec,
+            self.max_length,
+            self.system_prompt,
+        )
 
 
 class CentralEvaluator:
     """Evaluates a global adapter on the held-out test set, saves it, and keeps the history.
 
-    `evaluate_state` serves both run loops; called as Flower's `evaluate_fn` (FedAvg: round 0 and
-    after every round) it evaluates at round 0, every `eval.every` rounds and at the last round,
-    and appends one metrics.jsonl line per call (round, wall time, train loss, facilities, bytes,
+    `run_evaluation(step, state) -> result` is where the work happens: `LocalEvaluation` in this
+    process, or a facility's GPUs (`eval.at`, chemfl.server_app.facility_evaluation); either way
+    the result has the same fields. Called as Flower's `evaluate_fn` (FedAvg: round 0 and after
+    every round) it evaluates at round 0, every `eval.every` rounds and at the last round, and
+    appends one metrics.jsonl line per call (round, wall time, train loss, facilities, bytes,
     eval). Each evaluated adapter is saved as outputs/<run>/adapter-<step name>-<n> (unless
-    outputs.keep-every-adapter = false), and as
-    outputs/<run>/adapter (the latest evaluated one, i.e. the final one at the end).
+    outputs.keep-every-adapter = false), and as outputs/<run>/adapter (the latest evaluated one,
+    i.e. the final one at the end). `adapter_model` is the peft model the adapters are saved from:
+    the loaded model, or the weightless skeleton of chemfl.llm.adapter_init.
     """
 
     def __init__(
-        self, session, test_records, spec: EvalSpec, config: dict, outputs, num_rounds: int, rounds: dict[int, dict]
+        self,
+        adapter_model,
+        lora_spec,
+        run_evaluation: Callable[[int, dict], dict],
+        config: dict,
+        outputs,
+        num_rounds: int,
+        rounds: dict[int, dict],
     ):
-        self.session, self.test_records, self.spec, self.outputs = session, test_records, spec, outputs
-        self.max_length = int(config["train.max-length"])
-        self.system_prompt = str(config["model.system-prompt"])
+        self.adapter_model, self.lora_spec, self.run_evaluation = adapter_model, lora_spec, run_evaluation
+        self.outputs = outputs
         self.every = int(config["eval.every"])
         self.keep_every_adapter = bool(config["outputs.keep-every-adapter"])
         self.num_rounds = num_rounds
@@ -43,22 +75,29 @@ class CentralEvaluator:
         self.started = time.perf_counter()
 
     def evaluate_state(self, step_name: str, step: int, state: dict) -> dict:
-        load_exchanged_state(self.session.model, self.session.lora_spec, state)
         started = time.perf_counter()
-        result = evaluate(
-            self.session.model,
-            self.session.tokenizer,
-            self.test_records,
-            self.spec,
-            self.max_length,
-            self.system_prompt,
-        )
+        result = self.run_evaluation(step, state)
         result["seconds"] = time.perf_counter() - started
-        if self.keep_every_adapter:
-            self.outputs.save_adapter(self.session.model, f"adapter-{step_name}-{step}")
-        self.outputs.save_adapter(self.session.model, "adapter")
-        self.history.append({step_name: step, "eval": result})
+        self.keep(step_name, step, state, result)
         return result
+
+    def keep(self, step_name: str, step: int, state: dict, result: dict) -> None:
+        """Save the evaluated adapter and remember its result (for the before/after table)."""
+        load_exchanged_state(self.adapter_model, self.lora_spec, state)
+        if self.keep_every_adapter:
+            self.outputs.save_adapter(self.adapter_model, f"adapter-{step_name}-{step}")
+        self.outputs.save_adapter(self.adapter_model, "adapter")
+        self.history.append({step_name: step, "eval": result})
+
+    def facility_result(self, facility: str, request, result: dict, wall_time: float) -> None:
+        """A facility's evaluation of an asynchronous version came back (eval.at): keep it and
+        write its evaluation line."""
+        result["seconds"] = wall_time - request.requested_at
+        state = {name: torch.from_numpy(np.asarray(value)) for name, value in request.params.items()}
+        self.keep("version", request.step, state, result)
+        line = EvaluationLine(request.step, request.requested_at, wall_time, facility, float(result["loss"]), result)
+        self.outputs.append_metrics(protocol.to_json(line))
+        log(INFO, "version %d evaluated at %s: test loss %.3f", request.step, facility, result["loss"])
 
     def due(self, server_round: int) -> bool:
         return server_round in (0, self.num_rounds) or (self.every > 0 and server_round % self.every == 0)

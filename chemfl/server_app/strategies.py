@@ -29,7 +29,15 @@ from chemfl import protocol
 from chemfl.config import DEFAULTS
 from chemfl.protocol import NodeInfo, TrainReport
 from chemfl.server_app.aggregation import ServerOptimizer, Staleness
-from chemfl.server_app.async_loop import AsyncRun, LoopSettings, Params, RecordKeys, Rule, to_record
+from chemfl.server_app.async_loop import (
+    AsyncRun,
+    DeferredEvaluation,
+    LoopSettings,
+    Params,
+    RecordKeys,
+    Rule,
+    to_record,
+)
 from chemfl.server_app.checkpoint import AsyncState, Checkpointer
 from chemfl.server_app.rules import FedAsyncRule, FedAvgRoundsRule, FedBuffRule, WalltimeAwareRule
 from chemfl.server_app.strategy_spec import StrategySpec
@@ -101,6 +109,7 @@ class RunHooks:
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
     facility_of: dict[int, str] = field(default_factory=dict)  # node id -> facility, when known up front
+    deferred_evaluation: DeferredEvaluation | None = None  # central evaluation elsewhere (eval.at)
 
 
 class AsynchronousStrategy(Strategy):
@@ -213,6 +222,7 @@ class AsynchronousStrategy(Strategy):
             clock=hooks.clock,
             sleep=hooks.sleep,
             facility_of=dict(hooks.facility_of),
+            deferred=hooks.deferred_evaluation,
         )
         result.arrays = to_record(run.run())
         for version, records in sorted(updates_by_version.items()):

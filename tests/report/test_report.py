@@ -112,7 +112,7 @@ def fedbuff_campaign(tmp_path: Path) -> Path:
             job("aurora", 2, "queued", 5000, 1),
             update("polaris", 4200, 5100, 2),
             version(3, 5100, 0.9),
-            {"event": "evaluation", "version": 3, "loss": 0.9},  # an event kind the report does not know
+            {"event": "calibration", "version": 3, "loss": 0.9},  # an event kind the report does not know
             job("aurora", 1, "ended", 5400, 1),
             job("polaris", 2, "ended", 6300, 2),
             job("aurora", 2, "ended", 6300, 1),
@@ -418,3 +418,21 @@ def test_malformed_lines_and_unknown_strategies_are_errors(tmp_path):
     nameless = write_run(tmp_path / "nameless", [version(1, 1.0, 1.0)])
     with pytest.raises(ChemFLError, match="cannot tell the strategy"):
         read_run(nameless)
+
+
+def test_a_facility_evaluation_counts_at_its_versions_time(tmp_path):
+    from chemfl import protocol
+
+    folder = tmp_path / "eval-at-facility"
+    folder.mkdir()
+    lines = [
+        protocol.VersionLine(0, 0.0),
+        protocol.VersionLine(1, 5.0),
+        protocol.EvaluationLine(0, 0.0, 40.0, "aurora", 3.0, {"loss": 3.0}),  # came back late
+        protocol.EvaluationLine(1, 5.0, 41.0, "aurora", 2.0, {"loss": 2.0}),
+    ]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(protocol.to_json(line)) + "\n" for line in lines))
+    (folder / "config.json").write_text(json.dumps({"strategy.name": "fedasync"}))
+    run = read_run(folder)
+    assert [(e.time, e.loss) for e in run.evaluations] == [(0.0, 3.0), (5.0, 2.0)]
+    assert run.end_time == 41.0
