@@ -17,7 +17,8 @@ process), one JSON object per line. Every line has:
     ended        the job was first seen gone; ran_seconds = this time - its "started" time (null if it
                  was never seen running); resubmit_at: epoch seconds of the planned resubmission (null
                  when giving up); exit_code, stderr_tail, error, task_id where the backend knows them
-    gave-up      follows the "ended" or "error" that used up the last attempt (attempt == max_resubmits)
+    gave-up      follows the "ended" or "error" that used up the last attempt (attempt == max_resubmits);
+                 reason: why, where the queue forbids resubmission (Frontier's debug QOS)
     cancelled    `stop` cancelled the facility; note: the backend's remark ("" or why it could not)
     error        message: what failed. A failed submission also has resubmit_at (and may be followed by
                  "gave-up"); a failed state query changes nothing (the job is asked again next poll)

@@ -18,7 +18,13 @@ at each facility) that change independently of the experiment:
                                           # default: the profile's
     nodes = 1
     walltime = "01:00:00"                 # HH:MM:SS (hours may exceed 24), checked against the queue's cap
-    supernodes-per-node = 4               # default: the profile's GPUs (tiles, GCDs) per node
+    layout = "per-job"                    # per-job: one SuperNode and one `chemfl trainer` (a rank per GPU
+                                          # across all nodes) per job; per-gpu: one SuperNode per GPU
+    recipe = "../laptop-fedbuff.toml"     # per-job: the run config the trainer loads at start (the one given to
+                                          # flwr run --run-config); relative to this file's folder
+    trainer-backend = "nccl"              # per-job: auto | nccl | gloo | xccl | ccl; default: the profile's
+    trainer-env = { NCCL_DEBUG = "INFO" } # per-job: extra or replaced collective settings; "" drops one
+    supernodes-per-node = 4               # per-gpu: default the profile's GPUs (tiles, GCDs) per node
     setup = ["module load conda", "source ~/chemfl/.venv/bin/activate"]  # replaces the profile's default
     proxy = "http://proxy.alcf.anl.gov:3128"  # default: the profile's; "" = none
     data-path = "/eagle/MyProject/chemfl/partitions/polaris"  # this facility's shard folder
@@ -35,7 +41,13 @@ at each facility) that change independently of the experiment:
 Paths are used at the facility, inside double quotes: a leading `~` becomes $HOME there and
 $VARIABLES (e.g. $PSCRATCH) expand there. Only a `local` facility's data path is checked here,
 since only that one is on this machine; it is made absolute (relative paths are relative to the
-current folder).
+current folder). `recipe` is read where `chemfl launch submit` runs (the facility's login node, with
+this file beside it): a relative recipe path resolves against the facilities file's folder and must
+exist; an absolute one (or ~, $VARIABLES) is taken as written and checked when it is on this machine.
+
+Queue rules come from the profile (chemfl.launcher.profiles): walltime caps, node limits (Polaris
+prod >= 10 nodes, Aurora debug-scaling >= 2, Frontier extended <= 64 ...), and queues that forbid
+job chaining (Frontier debug: max-resubmits is 0 there, and a larger value is refused).
 
 `load_facilities` checks everything before any script is rendered or submitted and raises
 ChemFLError naming the facility, the problem and the fix.
@@ -54,7 +66,7 @@ from pathlib import Path
 from typing import Any
 
 from chemfl.errors import ChemFLError
-from chemfl.launcher.profiles import GPU_PINNINGS, PROFILES, Profile
+from chemfl.launcher.profiles import GPU_PINNINGS, LAYOUTS, PROFILES, TRAINER_BACKENDS, Profile, Setting
 
 BACKENDS = ("cli", "globus")
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -76,6 +88,10 @@ FACILITY_KEYS = {
     "max-resubmits",
     "resubmit-backoff",
     "directives",
+    "layout",
+    "recipe",
+    "trainer-backend",
+    "trainer-env",
 }
 GENERIC_PROFILE_KEYS = {"gpus-per-node", "gpu-pinning"}
 
@@ -84,6 +100,7 @@ GENERIC_PROFILE_KEYS = {"gpus-per-node", "gpu-pinning"}
 UNQUOTABLE = re.compile(r"""['"\\`]""")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # facility names become file, job and key names
 WORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # accounts and queues sit bare on directive lines
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 @dataclass(frozen=True)
@@ -116,6 +133,11 @@ class Facility:
     max_resubmits: int
     resubmit_backoff_seconds: float
     directives: tuple[str, ...]  # extra lines after the profile's
+    layout: str = "per-job"  # "per-job" | "per-gpu"
+    recipe: str = ""  # per-job: the run config `chemfl trainer --run-config` reads (a path where submit runs)
+    trainer_backend: str = "auto"  # per-job: `chemfl trainer --backend`
+    trainer_env: tuple[Setting, ...] = ()  # per-job: the profile's collective settings with the file's changes
+    resubmit_note: str = ""  # why max-resubmits was forced to 0 (a queue that forbids job chaining)
 
 
 @dataclass(frozen=True)
@@ -127,8 +149,16 @@ class LaunchPlan:
 
 
 def supernode_count(facility: Facility) -> int:
-    """SuperNodes one job of this facility starts (indices 0 .. count - 1)."""
+    """SuperNodes one job of this facility starts (indices 0 .. count - 1): one per job in the per-job
+    layout (its trainer spans the job's GPUs), one per GPU (tile, GCD) in the per-gpu layout."""
+    if facility.layout == "per-job":
+        return 1
     return facility.nodes * facility.supernodes_per_node
+
+
+def trainer_ranks_per_node(facility: Facility) -> int:
+    """Per-job layout: `chemfl trainer` ranks on each node, one per GPU (tile, GCD)."""
+    return facility.profile.gpus_per_node
 
 
 def supernode_key_name(facility_name: str, index: int | str) -> str:
@@ -163,13 +193,14 @@ def load_facilities(path: str | Path) -> LaunchPlan:
     except tomllib.TOMLDecodeError as err:
         raise ChemFLError(f"{path}: not valid TOML ({err}); fix the syntax there") from None
     try:
-        return parse_plan(raw)
+        return parse_plan(raw, base_dir=path.parent)
     except ChemFLError as err:
         raise ChemFLError(f"{path}: {err}") from None
 
 
-def parse_plan(raw: dict[str, Any]) -> LaunchPlan:
-    """Check a facilities table already read from TOML (load_facilities without the file)."""
+def parse_plan(raw: dict[str, Any], base_dir: str | Path | None = None) -> LaunchPlan:
+    """Check a facilities table already read from TOML (load_facilities without the file). Relative
+    recipe paths resolve against `base_dir` (the facilities file's folder; default: the current one)."""
     _reject_unknown_keys(raw, {"superlink", "facilities"}, "the facilities file")
     if not isinstance(raw.get("superlink"), dict):
         raise ChemFLError('no [superlink] table; add one with address = "host:port" of your SuperLink')
@@ -181,7 +212,7 @@ def parse_plan(raw: dict[str, Any]) -> LaunchPlan:
     for name, table in tables.items():
         if not isinstance(table, dict):
             raise ChemFLError(f"facilities.{name} is not a table; write it as [facilities.{name}]")
-        facilities.append(_facility(name, table))
+        facilities.append(_facility(name, table, Path(base_dir) if base_dir is not None else Path.cwd()))
     return LaunchPlan(superlink=superlink, facilities=tuple(facilities))
 
 
@@ -226,21 +257,29 @@ def _address_host(address: str, where: str) -> str:
     return match.group(1) or match.group(3)
 
 
-def _facility(name: str, table: dict[str, Any]) -> Facility:
+def _facility(name: str, table: dict[str, Any], base_dir: Path) -> Facility:
     where = f"facility {name}"
     if not NAME.match(name):
         raise ChemFLError(f"{where}: the name becomes file, job and key names; use letters, digits, '-' and '_'")
     profile = _profile(table, where)
     _reject_unknown_keys(table, FACILITY_KEYS | (GENERIC_PROFILE_KEYS if profile.generic else set()), where)
     is_local = profile.scheduler == "local"
+    layout = _get(table, "layout", str, "per-job", where)
+    if layout not in LAYOUTS:
+        raise ChemFLError(
+            f'{where}: layout "{layout}" is unknown; use "per-job" (one SuperNode and one trainer per job, '
+            'the default) or "per-gpu" (one SuperNode per GPU)'
+        )
     account = _account(table, is_local, where)
     queue = _get(table, "queue", str, profile.default_queue, where)
     if queue and not WORD.match(queue):
         raise ChemFLError(f'{where}: queue "{queue}" is not a queue name; use letters, digits, ".", "-", "_"')
     nodes = _nodes(table, is_local, where)
+    _check_queue_nodes(profile, queue, nodes, where)
     walltime_seconds = _walltime(table, profile, queue, where)
-    supernodes_per_node = _supernodes_per_node(table, profile, where)
+    supernodes_per_node = _supernodes_per_node(table, profile, layout, where)
     directives = _directives(table, is_local, where)
+    setup = _setup(table, profile, where)
     proxy = _get(table, "proxy", str, profile.default_proxy, where)
     if proxy and not re.match(r"^https?://[^\s'\"\\`]+$", proxy):
         raise ChemFLError(
@@ -248,10 +287,11 @@ def _facility(name: str, table: dict[str, Any]) -> Facility:
         )
     data_path = _data_path(table, is_local, where)
     backend, globus_endpoint = _backend(table, is_local, where)
-    max_resubmits = _get(table, "max-resubmits", int, 3, where)
+    max_resubmits, resubmit_note = _max_resubmits(table, profile, queue, where)
     backoff = _get(table, "resubmit-backoff", (int, float), 60, where)
     if max_resubmits < 0 or backoff < 0:
         raise ChemFLError(f"{where}: max-resubmits and resubmit-backoff cannot be negative; use 0 to disable")
+    recipe, trainer_backend, trainer_env = _trainer(table, profile, layout, base_dir, where)
 
     return Facility(
         name=name,
@@ -261,7 +301,7 @@ def _facility(name: str, table: dict[str, Any]) -> Facility:
         nodes=nodes,
         walltime_seconds=walltime_seconds,
         supernodes_per_node=supernodes_per_node,
-        setup=_strings(table, "setup", profile.default_setup, where),
+        setup=setup,
         proxy=proxy,
         data_path=data_path,
         backend=backend,
@@ -270,7 +310,132 @@ def _facility(name: str, table: dict[str, Any]) -> Facility:
         max_resubmits=max_resubmits,
         resubmit_backoff_seconds=float(backoff),
         directives=directives,
+        layout=layout,
+        recipe=recipe,
+        trainer_backend=trainer_backend,
+        trainer_env=trainer_env,
+        resubmit_note=resubmit_note,
     )
+
+
+def _check_queue_nodes(profile: Profile, queue: str, nodes: int, where: str) -> None:
+    """Queues with node limits (profile.queue_node_limits): a job outside them is refused, or worse,
+    accepted and then dropped (Polaris prod routes nothing under 10 nodes: "qstat: Unknown Job Id")."""
+    limits = profile.queue_node_limits.get(queue)
+    if limits is None:
+        return
+    fewest, most = limits
+    if fewest <= nodes and (most is None or nodes <= most):
+        return
+    span = f"{fewest} or more nodes" if most is None else f"{fewest}-{most} nodes"
+    fits = [
+        name
+        for name, (low, high) in profile.queue_node_limits.items()
+        if low <= nodes and (high is None or nodes <= high)
+    ]
+    others = f" or queue = one of {', '.join(fits)}" if fits else ""
+    raise ChemFLError(
+        f"{where}: queue {queue} on {profile.name} takes {span}, and nodes = {nodes}; set nodes within that{others}"
+    )
+
+
+def _max_resubmits(table: dict[str, Any], profile: Profile, queue: str, where: str) -> tuple[int, str]:
+    """max-resubmits, and why it is 0 where the queue forbids job chaining (Frontier's debug QOS)."""
+    why = profile.no_resubmit_queues.get(queue, "")
+    if not why:
+        return _get(table, "max-resubmits", int, 3, where), ""
+    max_resubmits = _get(table, "max-resubmits", int, 0, where)
+    if max_resubmits > 0:
+        raise ChemFLError(
+            f"{where}: max-resubmits = {max_resubmits}, but queue {queue}: {why}; set max-resubmits = 0 "
+            f"(or leave it out), or use another queue to keep the facility alive"
+        )
+    return max_resubmits, f"queue {queue}: {why}; jobs that end are not resubmitted"
+
+
+def _setup(table: dict[str, Any], profile: Profile, where: str) -> tuple[str, ...]:
+    """The setup lines (the profile's unless given); modules the profile wants pinned must carry a version."""
+    if profile.setup_required and "setup" not in table:
+        raise ChemFLError(f"{where}: no setup lines; {profile.setup_required}")
+    setup = _strings(table, "setup", profile.default_setup, where)
+    for line in setup:
+        words = line.split()
+        if words[:2] not in (["module", "load"], ["ml", "load"]) and words[:1] != ["ml"]:
+            continue
+        for module in profile.pinned_modules:
+            if module in words:
+                raise ChemFLError(
+                    f'{where}: setup line "{line}" loads {module} without a version; pin it, e.g. {module}/X.Y.Z '
+                    f"(the version your torch was built for: hpc.md, {profile.name})"
+                )
+    return setup
+
+
+def _trainer(
+    table: dict[str, Any], profile: Profile, layout: str, base_dir: Path, where: str
+) -> tuple[str, str, tuple[Setting, ...]]:
+    """(recipe, trainer-backend, trainer-env) for the per-job layout; nothing for per-gpu."""
+    if layout != "per-job":
+        for key in ("recipe", "trainer-backend", "trainer-env"):
+            if key in table:
+                raise ChemFLError(
+                    f'{where}: {key} is for layout = "per-job" (the trainer), and this facility is '
+                    f'layout = "{layout}"; remove {key} or set layout = "per-job"'
+                )
+        return "", profile.trainer_backend, ()
+    recipe = _recipe(table, base_dir, where)
+    backend = _get(table, "trainer-backend", str, profile.trainer_backend, where)
+    if backend not in TRAINER_BACKENDS:
+        raise ChemFLError(
+            f'{where}: trainer-backend "{backend}" is unknown; use one of {", ".join(TRAINER_BACKENDS)} '
+            f'(default for {profile.name}: "{profile.trainer_backend}")'
+        )
+    changes = _get(table, "trainer-env", dict, {}, where)
+    settings = {setting.name: setting for setting in profile.trainer_env}
+    for name, value in changes.items():
+        if not ENV_NAME.match(name) or not isinstance(value, str):
+            raise ChemFLError(
+                f'{where}: trainer-env should map variable names to strings, e.g. {{ NCCL_DEBUG = "INFO" }}; '
+                f"got {name} = {value!r}"
+            )
+        if UNQUOTABLE.search(value):
+            raise ChemFLError(
+                f"{where}: trainer-env {name} = {value!r} contains a quote, backslash or backtick, which the "
+                "rendered script cannot quote; set it in the setup lines instead"
+            )
+        if value:
+            settings[name] = Setting(name, value, "trainer-env in the facilities file")
+        else:
+            settings.pop(name, None)  # "" drops one of the profile's settings
+    return recipe, backend, tuple(settings.values())
+
+
+def _recipe(table: dict[str, Any], base_dir: Path, where: str) -> str:
+    """The trainer's run config: required for per-job; relative paths resolve against the facilities file."""
+    if "recipe" not in table:
+        raise ChemFLError(
+            f'{where}: layout = "per-job" (the default) starts `chemfl trainer`, which loads the run config at '
+            'start; add recipe = "path/to/recipe.toml" (the --run-config you give flwr run; relative to the '
+            'facilities file), or set layout = "per-gpu"'
+        )
+    recipe = _path(table, "recipe", None, where)
+    expanded = os.path.expandvars(os.path.expanduser(recipe))
+    at_facility_only = recipe.startswith(("~", "$")) or Path(recipe).is_absolute()
+    path = Path(expanded) if Path(expanded).is_absolute() else (base_dir / expanded)
+    if not path.is_file():
+        if at_facility_only:
+            return recipe  # a path at the facility, not on this machine (like data-path)
+        raise ChemFLError(
+            f'{where}: recipe "{recipe}" is not a file (looked for {path}; relative recipe paths resolve '
+            "against the facilities file's folder); give the run config you pass to flwr run --run-config"
+        )
+    try:
+        tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ChemFLError(f'{where}: recipe "{recipe}" ({path}) is not valid TOML ({err}); fix it there') from None
+    if at_facility_only:
+        return recipe
+    return _quotable(str(path.resolve()), "recipe", where)
 
 
 def _account(table: dict[str, Any], is_local: bool, where: str) -> str:
@@ -298,8 +463,15 @@ def _nodes(table: dict[str, Any], is_local: bool, where: str) -> int:
     return nodes
 
 
-def _supernodes_per_node(table: dict[str, Any], profile: Profile, where: str) -> int:
-    """At most one SuperNode per GPU (tile, GCD): each is pinned to its own."""
+def _supernodes_per_node(table: dict[str, Any], profile: Profile, layout: str, where: str) -> int:
+    """At most one SuperNode per GPU (tile, GCD): each is pinned to its own. The per-job layout has one
+    SuperNode per job and a trainer rank on every GPU, so the key does not apply there."""
+    if layout == "per-job" and "supernodes-per-node" in table:
+        raise ChemFLError(
+            f'{where}: supernodes-per-node is for layout = "per-gpu"; layout = "per-job" (the default) runs one '
+            f"SuperNode per job and a trainer rank on each of the {profile.gpus_per_node} {profile.device}(s) of "
+            'every node; remove supernodes-per-node, or set layout = "per-gpu"'
+        )
     supernodes_per_node = _get(table, "supernodes-per-node", int, profile.gpus_per_node, where)
     if not 1 <= supernodes_per_node <= profile.gpus_per_node:
         raise ChemFLError(

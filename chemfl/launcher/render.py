@@ -1,10 +1,17 @@
-"""Batch scripts that start one Flower SuperNode per GPU (tile, GCD) of a facility's job.
+"""Batch scripts that start a facility's job: one Flower SuperNode and one `chemfl trainer` across the
+job's GPUs (layout per-job), or one SuperNode per GPU, tile or GCD (layout per-gpu).
 
 The scripts are meant to be read and edited by the people who submit them, so the logic that
 decides what goes in them lives here and the layout lives in Jinja2 templates shipped with the
 package (chemfl/launcher/templates): body.sh.j2 is the script without scheduler directives (what a
 Globus Compute ShellFunction runs inside an endpoint-managed job), and pbs.sh.j2, slurm.sh.j2 and
 local.sh.j2 add each scheduler's directives to it.
+
+Every service (a SuperNode, the trainer) runs under `timeout` without --foreground, which puts it in
+its own process group: the walltime stop and the script's own stop reach the SuperNode's children
+(SuperExec, ClientApps) and every launcher rank, not only the first process (hpc.md: `timeout
+--foreground CMD` does not time out CMD's children). The groups stay in the job's session, which is
+what PBS kills; Slurm kills through cgroups.
 """
 
 from __future__ import annotations
@@ -13,11 +20,22 @@ import posixpath
 
 import jinja2
 
-from chemfl.launcher.facilities import Facility, LaunchPlan, format_walltime, supernode_count, supernode_key_name
+from chemfl.launcher.facilities import (
+    Facility,
+    LaunchPlan,
+    format_walltime,
+    supernode_count,
+    supernode_key_name,
+    trainer_ranks_per_node,
+)
 
 FIRST_RUNTIME_PORT = 9094  # flower-supernode's default --port; the i-th SuperNode on a host takes 9094 + i
 MAX_STOP_MARGIN_SECONDS = 120  # SuperNodes get SIGTERM this long before the job's end (less for short jobs)
 PINNING_VARIABLES = {"cuda": "CUDA_VISIBLE_DEVICES", "ze": "ZE_AFFINITY_MASK"}  # srun and none set no variable
+# flower-supernode retries a lost SuperLink forever by default (flwr 1.42: --max-retries and --max-wait-time
+# are None): a blocked proxy would burn the allocation silently. Each Fleet API call gives up after this long.
+CONNECT_WAIT_SECONDS = 600
+MASTER_PORT = 29500  # hpc.md (NERSC): MASTER_PORT=29500; the rendezvous port of multi-node trainers
 
 
 def at_facility(path: str) -> str:
@@ -77,6 +95,63 @@ def queue_directive(facility: Facility) -> str:
     return f"{profile.queue_flag_overrides.get(facility.queue, profile.queue_flag)}={facility.queue}"
 
 
+def trainer_launch(facility: Facility) -> str:
+    """The launcher that starts one `chemfl trainer` rank per GPU (tile, GCD) on every node of the job.
+
+    Site profiles carry their documented line (profiles.py, with sources). Generic profiles follow the
+    closest site: PBS uses Cray PALS mpiexec as on Polaris, with `--cpu-bind none` since a generic
+    node's core count is unknown (hpc.md: always pass a CPU binding and --envall); Slurm uses srun as
+    on Frontier (gpu-pinning srun) or Perlmutter (cuda, ze); local uses torchrun --standalone.
+    """
+    profile = facility.profile
+    per_node = trainer_ranks_per_node(facility)
+    numbers = {"nodes": facility.nodes, "ranks": facility.nodes * per_node, "per_node": per_node}
+    if profile.trainer_launch:
+        return profile.trainer_launch.format(**numbers)
+    if profile.scheduler == "pbs":
+        return "mpiexec -n {ranks} --ppn {per_node} --cpu-bind none --envall".format(**numbers)
+    if profile.scheduler == "slurm":
+        line = "srun --nodes={nodes} --ntasks={ranks} --ntasks-per-node={per_node}".format(**numbers)
+        if profile.gpu_pinning == "srun":
+            return line + " --gpus-per-task=1 --gpu-bind=closest"
+        if profile.gpu_pinning in ("cuda", "ze"):
+            return line + f" --gpus-per-node={per_node}"
+        return line
+    return f"torchrun --standalone --nproc-per-node={per_node} --no-python"
+
+
+def trainer_prelude(facility: Facility) -> str:
+    """Shell run by every trainer rank before `chemfl trainer` (inside single quotes; "" = none): the
+    node-local folders the profile wants on each node, and on Cray PALS the PMI_RANK / PMI_SIZE the
+    trainer reads (PALS always sets PALS_RANKID; with --pmi=pmix, PMIX_RANK rather than PMI_RANK)."""
+    profile = facility.profile
+    steps = []
+    if profile.node_local_dirs:
+        steps.append("mkdir -p " + " ".join(f'"${setting.name}"' for setting in profile.node_local_dirs))
+    if profile.rank_from_pals:
+        ranks = facility.nodes * trainer_ranks_per_node(facility)
+        steps.append(
+            "export PMI_RANK=${PMI_RANK:-${PALS_RANKID:-${PMIX_RANK:-}}} PMI_SIZE=${PMI_SIZE:-" + str(ranks) + "}"
+        )
+    return "; ".join(steps)
+
+
+def trainer_launch_source(facility: Facility) -> str:
+    profile = facility.profile
+    if profile.trainer_launch_source:
+        return profile.trainer_launch_source
+    return {
+        "pbs": "generic PBS: Cray PALS mpiexec as on Polaris, unbound (the node's cores are unknown)",
+        "slurm": "generic Slurm: srun as on Frontier (gpu-pinning srun) or Perlmutter",
+        "local": "no scheduler: torchrun --standalone, one process per gpus-per-node (CPU/gloo on a laptop)",
+    }[profile.scheduler]
+
+
+def probe_url(plan: LaunchPlan) -> str:
+    """What the job's connectivity probe asks for: the SuperLink's HTTPS (or, insecure, HTTP) root."""
+    return f"{'http' if plan.superlink.insecure else 'https'}://{plan.superlink.address}/"  # host:port or [v6]:port
+
+
 def launch_style(facility: Facility) -> str:
     """How the SuperNodes are started: "tasks" (one srun task per GPU, srun pins it), "node" (a loop on
     this node), "mpiexec" or "srun" (the same loop on every node of a multi-node job)."""
@@ -89,7 +164,20 @@ def launch_style(facility: Facility) -> str:
 
 def _context(plan: LaunchPlan, facility: Facility) -> dict[str, object]:
     keys_dir = plan.superlink.keys_dir
+    profile = facility.profile
+    per_job = facility.layout == "per-job"
     return {
+        "per_job": per_job,
+        "trainer_launch": trainer_launch(facility) if per_job else "",
+        "trainer_launch_source": trainer_launch_source(facility) if per_job else "",
+        "trainer_ranks": facility.nodes * trainer_ranks_per_node(facility),
+        "multi_node_trainer": per_job and profile.scheduler != "local",
+        "trainer_prelude": trainer_prelude(facility) if per_job else "",
+        "master_port": MASTER_PORT,
+        "connect_wait": CONNECT_WAIT_SECONDS,
+        # The local profile runs on the machine `submit` checked the SuperLink from: no probe there.
+        "probe_url": probe_url(plan) if profile.scheduler != "local" else "",
+        "directive_lines": profile.directives + (profile.trainer_directives if per_job else ()) + facility.directives,
         "facility": facility,
         "profile": facility.profile,
         "superlink": plan.superlink,

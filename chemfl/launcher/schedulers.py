@@ -43,6 +43,7 @@ class JobTarget:
     resubmit_backoff_seconds: float
     globus_endpoint: str = ""
     globus_config: dict = field(default_factory=dict)
+    resubmit_note: str = ""  # why this facility's jobs are never resubmitted (max_resubmits 0), for the log
 
 
 class Backend(Protocol):

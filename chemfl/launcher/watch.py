@@ -222,7 +222,7 @@ class Watcher:
             resubmit_at = self.plan_resubmission(job, now, early=True)
             self.record(ERROR, job, now, message=describe(error), resubmit_at=resubmit_at)
             if resubmit_at is None:
-                self.record(GAVE_UP, job, now)
+                self.give_up(job, now)
             return
         job.job_id, job.state, job.submitted_at = job_id, "queued", now
         job.started_at = job.resubmit_at = None
@@ -253,17 +253,23 @@ class Watcher:
                 **backend.end_details(job.job_id),
             )
             if resubmit_at is None:
-                self.record(GAVE_UP, job, now)
+                self.give_up(job, now)
             return
         if state == "running" and job.started_at is None:
             job.started_at = now
             self.record(STARTED, job, now, queue_wait_seconds=now - job.submitted_at)
         job.state = state
 
+    def give_up(self, job: FacilityJob, now: float) -> None:
+        """Record that `job`'s facility gets no more jobs; with the reason where the queue forbids chaining."""
+        note = job.target.resubmit_note
+        self.record(GAVE_UP, job, now, **({"reason": note} if note else {}))
+
     def plan_resubmission(self, job: FacilityJob, now: float, early: bool) -> float | None:
         """Set `job` waiting for its next attempt and return when it is due; None (gave-up) when none is left."""
         job.resubmit_at = None
-        if job.attempt >= job.target.max_resubmits:
+        # A queue that forbids job chaining (Frontier debug) has max_resubmits 0 and a resubmit_note.
+        if job.attempt >= job.target.max_resubmits or job.target.resubmit_note:
             job.state = "gave-up"
             return None
         job.early_endings = job.early_endings + 1 if early else 0

@@ -90,12 +90,15 @@ def facilities_file(
     superlink: dict | None = None,
     **facilities: dict,
 ) -> Path:
-    """A facilities file: [superlink] at `address`, and `facilities` (default: polaris and perlmutter)."""
+    """A facilities file: [superlink] at `address`, and `facilities` (default: polaris with two SuperNodes
+    per GPU layout, perlmutter with one SuperNode and a trainer, per-job layout, its recipe beside the file)."""
+    (tmp_path / "recipe.toml").write_text('run-name = "cli"\n')
     tables = facilities or {
         "polaris": {
             "profile": "polaris",
             "account": "proj",
             "walltime": "00:30:00",
+            "layout": "per-gpu",
             "supernodes-per-node": 2,
             "data-path": "/eagle/proj/partitions/polaris",
             "resubmit-backoff": 0,
@@ -105,7 +108,7 @@ def facilities_file(
             "profile": "perlmutter",
             "account": "proj",
             "walltime": "00:20:00",
-            "supernodes-per-node": 1,
+            "recipe": "recipe.toml",
             "data-path": "$PSCRATCH/partitions/perlmutter",
             "resubmit-backoff": 0,
         },
@@ -150,6 +153,7 @@ def test_dry_run_writes_every_script_and_submits_nothing(tmp_path, fake, certs, 
                 "profile": "aurora",
                 "account": "proj",
                 "walltime": "00:30:00",
+                "layout": "per-gpu",
                 "supernodes-per-node": 2,
                 "data-path": "/flare/partitions/aurora",
                 "backend": "globus",
@@ -174,7 +178,10 @@ def test_dry_run_writes_every_script_and_submits_nothing(tmp_path, fake, certs, 
 
 
 def test_only_renders_the_named_facilities_with_the_whole_plans_ports(tmp_path, certs):
-    local = {name: {"profile": "local", "walltime": "00:10:00", "data-path": str(tmp_path)} for name in ("a", "b")}
+    local = {
+        name: {"profile": "local", "walltime": "00:10:00", "data-path": str(tmp_path), "recipe": "recipe.toml"}
+        for name in ("a", "b")
+    }
     path = facilities_file(tmp_path, "127.0.0.1:9", certs.ca_cert, **local)
     out = tmp_path / "launch"
     assert run_cli("submit", path, "--dry-run", "--out", out, "--only", "b") == 0
@@ -261,12 +268,72 @@ def test_a_local_job_without_flower_supernode_on_path_errors_first(tmp_path, cer
         tmp_path,
         f"127.0.0.1:{superlink.port}",
         certs.ca_cert,
-        a={"profile": "local", "walltime": "00:10:00", "data-path": str(tmp_path)},
+        a={"profile": "local", "walltime": "00:10:00", "data-path": str(tmp_path), "layout": "per-gpu"},
     )
     out = tmp_path / "launch"
     assert run_cli("submit", path, "--out", out) == 2
     assert "flower-supernode, which is not on PATH" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_local_per_job_facility_needs_chemfl_and_torchrun_too(tmp_path, certs, superlink, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    local = {"profile": "local", "walltime": "00:10:00", "data-path": str(tmp_path), "recipe": "recipe.toml"}
+    path = facilities_file(tmp_path, f"127.0.0.1:{superlink.port}", certs.ca_cert, a=local)
+    assert run_cli("submit", path, "--out", tmp_path / "launch") == 2
+    assert "flower-supernode, chemfl, torchrun, which are not on PATH" in capsys.readouterr().err
+
+
+AURORA = {
+    "profile": "aurora",
+    "account": "proj",
+    "walltime": "00:30:00",
+    "data-path": "/lus/flare/projects/proj/partitions/aurora",
+    "recipe": "recipe.toml",
+}
+
+
+def test_aurora_jobs_are_not_submitted_from_home(tmp_path, fake, certs, superlink, monkeypatch, capsys):
+    """ALCF's Aurora guide: submit from the project directory, not home. qsub runs in the launch folder."""
+    monkeypatch.setenv("HOME", str(tmp_path))  # the launch folder below is in this home
+    path = facilities_file(tmp_path, f"127.0.0.1:{superlink.port}", certs.ca_cert, aurora=dict(AURORA))
+    out = tmp_path / "launch"
+    assert run_cli("submit", path, "--out", out) == 2
+    error = capsys.readouterr().err
+    assert "submit jobs from the project directory, not home" in error and "--out /lus/flare/projects/" in error
+    assert not out.exists() and fake.calls() == []
+
+    # A dry run (maybe not on Aurora) writes the scripts and warns.
+    assert run_cli("submit", path, "--out", out, "--dry-run") == 0
+    assert "warning: facility aurora: ALCF's Aurora guide" in capsys.readouterr().out
+    assert (out / "aurora.sh").is_file()
+
+
+def test_aurora_jobs_are_submitted_from_outside_home(tmp_path, fake, certs, superlink, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    path = facilities_file(tmp_path, f"127.0.0.1:{superlink.port}", certs.ca_cert, aurora=dict(AURORA))
+    out = tmp_path / "project" / "launch"
+    assert run_cli("submit", path, "--out", out) == 0
+    assert fake.calls() == [(str(out.resolve()), f"qsub {out.resolve()}/aurora.sh")]
+
+
+def test_frontier_debug_jobs_are_never_resubmitted(tmp_path, fake, certs, superlink, capsys):
+    frontier = {
+        "profile": "frontier",
+        "account": "proj",
+        "queue": "debug",
+        "walltime": "00:30:00",
+        "setup": ["module load PrgEnv-gnu rocm/6.2.4 craype-accel-amd-gfx90a"],
+        "data-path": "/lustre/orion/proj/partitions/frontier",
+        "recipe": "recipe.toml",
+    }
+    path = facilities_file(tmp_path, f"127.0.0.1:{superlink.port}", certs.ca_cert, frontier=frontier)
+    assert run_cli("submit", path, "--out", tmp_path / "launch") == 0
+    assert "frontier: queue debug: OLCF's debug QOS forbids job chaining" in capsys.readouterr().out
+    frontier["max-resubmits"] = 1
+    path = facilities_file(tmp_path, f"127.0.0.1:{superlink.port}", certs.ca_cert, frontier=frontier)
+    assert run_cli("submit", path, "--out", tmp_path / "launch2") == 2
+    assert "set max-resubmits = 0" in capsys.readouterr().err
 
 
 def test_a_launch_folder_still_in_use_is_refused(tmp_path, fake, certs, superlink, capsys):

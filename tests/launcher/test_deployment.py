@@ -167,7 +167,9 @@ def run_local_script(tmp_path: Path, refusals: int, retry_seconds: int) -> subpr
                 "root-certificates": str(tmp_path / "ca.crt"),
                 "keys-dir": str(tmp_path / "keys"),
             },
-            "facilities": {"a": {"profile": "local", "walltime": "00:10:00", "data-path": str(tmp_path)}},
+            "facilities": {
+                "a": {"profile": "local", "walltime": "00:10:00", "data-path": str(tmp_path), "layout": "per-gpu"}
+            },
         }
     )
     (tmp_path / "bin").mkdir()
@@ -227,6 +229,7 @@ def test_REAL_deployment_survives_a_killed_facility_job(tmp_path: Path, processe
                 "facilities": {
                     name: {
                         "profile": "local",
+                        "layout": "per-gpu",  # per-job needs `chemfl trainer`, built separately
                         "walltime": "00:15:00",
                         "data-path": str(data / "partitions" / name),
                         "max-resubmits": 2,

@@ -7,6 +7,7 @@ import copy
 from pathlib import Path
 
 import pytest
+import tomli_w
 
 from chemfl.errors import ChemFLError
 from chemfl.launcher.facilities import (
@@ -16,16 +17,19 @@ from chemfl.launcher.facilities import (
     parse_walltime,
     supernode_count,
     supernode_key_name,
+    trainer_ranks_per_node,
 )
 from chemfl.launcher.profiles import PROFILES
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "four-facilities" / "facilities.toml"
+RUN_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "laptop-fedbuff.toml"
 ENDPOINT = "2b4f2c1e-8d3a-4f5e-9a6b-0c1d2e3f4a5b"
+ROCM_SETUP = ["module load PrgEnv-gnu rocm/6.2.4 craype-accel-amd-gfx90a"]
 
 
 def plan_table(**facility: object) -> dict:
-    """A valid one-facility table (Polaris, debug queue); keyword arguments replace facility keys
-    (underscores for dashes; None removes the key)."""
+    """A valid one-facility table (Polaris, debug queue, per-job layout with a recipe); keyword arguments
+    replace facility keys (underscores for dashes; None removes the key)."""
     table = {
         "superlink": {"address": "fl.example.org:443", "root-certificates": "~/ca.crt", "keys-dir": "~/keys"},
         "facilities": {
@@ -35,6 +39,7 @@ def plan_table(**facility: object) -> dict:
                 "queue": "debug",
                 "walltime": "01:00:00",
                 "data-path": "/eagle/MyProject/partitions/polaris",
+                "recipe": str(RUN_RECIPE),
             }
         },
     }
@@ -60,7 +65,11 @@ def refused(table: dict, *fragments: str) -> str:
 def test_recipe_for_the_four_facilities_loads():
     plan = load_facilities(RECIPE)
     assert [facility.name for facility in plan.facilities] == ["polaris", "aurora", "frontier", "perlmutter"]
-    assert [facility.supernodes_per_node for facility in plan.facilities] == [4, 12, 8, 4]
+    assert [facility.layout for facility in plan.facilities] == ["per-job"] * 4
+    assert [facility.recipe for facility in plan.facilities] == [str(RUN_RECIPE)] * 4  # relative to the file
+    assert [facility.trainer_backend for facility in plan.facilities] == ["nccl", "xccl", "nccl", "nccl"]
+    assert [supernode_count(facility) for facility in plan.facilities] == [1, 1, 1, 1]
+    assert [facility.supernodes_per_node for facility in plan.facilities] == [4, 12, 8, 4]  # per-gpu, if chosen
     assert plan.superlink.address.endswith(":443") and not plan.superlink.insecure
 
 
@@ -78,8 +87,17 @@ def test_defaults_come_from_the_profile():
         3,
         60.0,
     )
-    assert supernode_count(facility) == 4
+    assert (facility.layout, facility.trainer_backend, facility.resubmit_note) == ("per-job", "nccl", "")
+    assert facility.trainer_env == polaris.trainer_env
+    assert supernode_count(facility) == 1  # per-job: one SuperNode, the trainer on every GPU
+    assert trainer_ranks_per_node(facility) == 4
     assert supernode_key_name("polaris", 3) == "polaris-3"
+
+
+def test_per_gpu_layout_has_a_supernode_per_gpu():
+    facility = parse_plan(plan_table(layout="per-gpu", recipe=None)).facilities[0]
+    assert (facility.layout, facility.supernodes_per_node, supernode_count(facility)) == ("per-gpu", 4, 4)
+    assert facility.recipe == "" and facility.trainer_env == ()
 
 
 def test_generic_profiles_take_gpus_and_pinning_from_the_file():
@@ -87,6 +105,139 @@ def test_generic_profiles_take_gpus_and_pinning_from_the_file():
     facility = parse_plan(table).facilities[0]
     assert (facility.profile.name, facility.profile.gpus_per_node, facility.profile.gpu_pinning) == ("slurm", 2, "srun")
     assert facility.supernodes_per_node == 2
+    assert trainer_ranks_per_node(facility) == 2 and facility.trainer_backend == "auto"
+
+
+# --- the per-job layout: recipe, trainer backend and settings -----------------------------------------
+
+
+def test_per_job_needs_a_recipe():
+    refused(plan_table(recipe=None), "facility polaris", "add recipe =", "flwr run", 'layout = "per-gpu"')
+
+
+def test_relative_recipe_resolves_against_the_facilities_file(tmp_path, monkeypatch):
+    folder = tmp_path / "site"
+    (folder / "recipes").mkdir(parents=True)
+    (folder / "recipes" / "run.toml").write_text('run-name = "x"\n')
+    path = folder / "facilities.toml"
+    path.write_text(tomli_w.dumps(plan_table(recipe="recipes/run.toml")))
+    monkeypatch.chdir(tmp_path)  # not the file's folder
+    facility = load_facilities(path).facilities[0]
+    assert facility.recipe == str(folder / "recipes" / "run.toml")
+
+
+def test_missing_relative_recipe(tmp_path):
+    path = tmp_path / "facilities.toml"
+    path.write_text(tomli_w.dumps(plan_table(recipe="nowhere.toml")))
+    with pytest.raises(ChemFLError) as caught:
+        load_facilities(path)
+    assert 'recipe "nowhere.toml" is not a file' in str(caught.value)
+    assert str(tmp_path / "nowhere.toml") in str(caught.value)
+
+
+def test_recipe_must_be_toml(tmp_path):
+    (tmp_path / "broken.toml").write_text("[run\n")
+    refused(plan_table(recipe=str(tmp_path / "broken.toml")), "not valid TOML")
+
+
+def test_a_recipe_at_the_facility_only_is_kept_as_written():
+    facility = parse_plan(plan_table(recipe="~/chemfl/recipes/run.toml")).facilities[0]
+    assert facility.recipe == "~/chemfl/recipes/run.toml"
+
+
+@pytest.mark.parametrize("key", ["recipe", "trainer_backend", "trainer_env"])
+def test_trainer_keys_belong_to_the_per_job_layout(key):
+    values = {"recipe": str(RUN_RECIPE), "trainer_backend": "gloo", "trainer_env": {"NCCL_DEBUG": "INFO"}}
+    table = plan_table(layout="per-gpu", **{"recipe": None, key: values[key]})
+    refused(table, "facility polaris", 'layout = "per-job"', f"remove {key.replace('_', '-')}")
+
+
+def test_unknown_layout():
+    refused(plan_table(layout="per-node"), 'layout "per-node" is unknown', "per-job", "per-gpu")
+
+
+def test_supernodes_per_node_belongs_to_the_per_gpu_layout():
+    refused(plan_table(supernodes_per_node=2), "supernodes-per-node is for layout", 'set layout = "per-gpu"')
+
+
+def test_trainer_backend_default_and_override():
+    assert parse_plan(plan_table(profile="aurora")).facilities[0].trainer_backend == "xccl"
+    assert parse_plan(plan_table(trainer_backend="gloo")).facilities[0].trainer_backend == "gloo"
+    refused(plan_table(trainer_backend="mpi"), 'trainer-backend "mpi" is unknown', "nccl", "xccl")
+
+
+def test_trainer_env_adds_replaces_and_drops_settings():
+    env = {"NCCL_DEBUG": "INFO", "NCCL_CROSS_NIC": "0", "FI_CXI_DISABLE_HOST_REGISTER": ""}
+    facility = parse_plan(plan_table(trainer_env=env)).facilities[0]
+    values = {setting.name: setting.value for setting in facility.trainer_env}
+    assert values["NCCL_DEBUG"] == "INFO" and values["NCCL_CROSS_NIC"] == "0"
+    assert "FI_CXI_DISABLE_HOST_REGISTER" not in values
+    assert values["NCCL_NET"] == "AWS Libfabric"  # the profile's, untouched
+
+
+@pytest.mark.parametrize("env", [{"NCCL DEBUG": "INFO"}, {"NCCL_DEBUG": 1}, {"NCCL_DEBUG": 'a"b'}])
+def test_bad_trainer_env(env):
+    refused(plan_table(trainer_env=env), "facility polaris", "trainer-env")
+
+
+@pytest.mark.parametrize("name", ["polaris", "aurora", "frontier", "perlmutter"])
+def test_site_profiles_cite_a_source_for_every_trainer_setting(name):
+    profile = PROFILES[name]
+    assert profile.trainer_launch and profile.trainer_launch_source.startswith("hpc.md")
+    for setting in profile.trainer_env + profile.node_local_dirs:
+        assert setting.source, setting
+
+
+# --- queue rules -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("profile", "queue", "nodes", "fragments"),
+    [
+        ("polaris", "prod", 1, ["queue prod on polaris takes 10-496 nodes", "nodes = 1", "debug"]),
+        ("polaris", "debug", 3, ["queue debug on polaris takes 1-2 nodes", "debug-scaling", "preemptable"]),
+        ("polaris", "capacity", 5, ["queue capacity on polaris takes 1-4 nodes"]),
+        ("aurora", "debug-scaling", 1, ["queue debug-scaling on aurora takes 2 or more nodes", "capacity"]),
+        ("aurora", "prod", 16, ["queue prod on aurora takes 256 or more nodes"]),
+        ("frontier", "extended", 65, ["queue extended on frontier takes 1-64 nodes"]),
+    ],
+)
+def test_queue_node_limits(profile, queue, nodes, fragments):
+    extra = {"setup": ROCM_SETUP} if profile == "frontier" else {}
+    refused(plan_table(profile=profile, queue=queue, nodes=nodes, walltime="00:30:00", **extra), *fragments)
+
+
+@pytest.mark.parametrize(
+    ("profile", "queue", "nodes"),
+    [("polaris", "prod", 10), ("polaris", "debug", 2), ("aurora", "debug-scaling", 2), ("frontier", "extended", 64)],
+)
+def test_queue_node_limits_let_fitting_jobs_through(profile, queue, nodes):
+    extra = {"setup": ROCM_SETUP} if profile == "frontier" else {}
+    facility = parse_plan(plan_table(profile=profile, queue=queue, nodes=nodes, **extra)).facilities[0]
+    assert facility.nodes == nodes
+
+
+def test_frontier_debug_is_never_resubmitted():
+    table = plan_table(profile="frontier", queue="debug", setup=ROCM_SETUP)
+    facility = parse_plan(table).facilities[0]
+    assert facility.max_resubmits == 0
+    assert "forbids job chaining" in facility.resubmit_note
+    refused(
+        plan_table(profile="frontier", queue="debug", setup=ROCM_SETUP, max_resubmits=2),
+        "max-resubmits = 2",
+        "forbids job chaining",
+        "set max-resubmits = 0",
+    )
+    assert parse_plan(plan_table(profile="frontier", queue="batch", setup=ROCM_SETUP)).facilities[0].max_resubmits == 3
+
+
+def test_frontier_needs_setup_with_a_pinned_rocm():
+    refused(plan_table(profile="frontier", queue="batch"), "no setup lines", "rocm/<X.Y.Z>", "torch.version.hip")
+    refused(
+        plan_table(profile="frontier", queue="batch", setup=["module load PrgEnv-gnu rocm craype-accel-amd-gfx90a"]),
+        "loads rocm without a version",
+        "rocm/X.Y.Z",
+    )
 
 
 def test_walltime_round_trips():
@@ -130,12 +281,17 @@ def test_malformed_walltime(walltime):
 
 def test_more_supernodes_than_gpus():
     refused(
-        plan_table(supernodes_per_node=5), "facility polaris", "supernodes-per-node = 5", "4 GPU", "between 1 and 4"
+        plan_table(supernodes_per_node=5, layout="per-gpu", recipe=None),
+        "facility polaris",
+        "supernodes-per-node = 5",
+        "4 GPU",
+        "between 1 and 4",
     )
 
 
 def test_aurora_counts_tiles():
-    refused(plan_table(profile="aurora", supernodes_per_node=13), "12 GPU tile", "between 1 and 12")
+    table = plan_table(profile="aurora", supernodes_per_node=13, layout="per-gpu", recipe=None)
+    refused(table, "12 GPU tile", "between 1 and 12")
 
 
 @pytest.mark.parametrize("nodes", [0, -1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -323,6 +324,22 @@ def test_run_returns_once_every_facility_gave_up(fake, clock, tmp_path):
         ("ended", "1001.fake-pbs-01", 0),
         ("gave-up", "1001.fake-pbs-01", 0),
     ]
+
+
+def test_a_queue_that_forbids_chaining_is_never_resubmitted(fake, clock, tmp_path):
+    """Frontier's debug QOS: max-resubmits is 0 there, and the gave-up event says why."""
+    launch = tmp_path / "launch"
+    target = make_target(launch, "frontier", "slurm", max_resubmits=0)
+    note = "queue debug: OLCF's debug QOS forbids job chaining; jobs that end are not resubmitted"
+    watcher = Watcher([dataclasses.replace(target, resubmit_note=note)], launch, clock=clock, sleep=clock.sleep)
+    watcher.submit_all()
+    fake.set_state("1001", "COMPLETED")
+
+    watcher.run()
+
+    assert summary(launch) == [("submitted", "1001", 0), ("ended", "1001", 0), ("gave-up", "1001", 0)]
+    assert events(launch)[-1]["reason"] == note
+    assert fake.commands().count(f"sbatch --parsable {launch / 'frontier.sh'}") == 1
 
 
 def test_local_job_killed_is_resubmitted(clock, tmp_path):

@@ -71,13 +71,38 @@ def check_schedulers(facilities: list[Facility]) -> None:
                     f"facility {facility.name}: {error} (or --dry-run to only write the scripts, "
                     f"or --only the facilities this machine can submit to)"
                 ) from None
-        # A local job runs with this environment: without setup lines, flower-supernode must be on PATH here.
-        if facility.profile.scheduler == "local" and not facility.setup and shutil.which("flower-supernode") is None:
-            raise ChemFLError(
-                f"facility {facility.name}: its job runs flower-supernode, which is not on PATH here; "
-                "activate the environment chemfl is installed in (source .venv/bin/activate), or add "
-                'setup = ["source /path/to/.venv/bin/activate"] to the facility'
-            )
+        # A local job runs with this environment: without setup lines, its commands must be on PATH here.
+        if facility.profile.scheduler == "local" and not facility.setup:
+            needed = ["flower-supernode"] + (["chemfl", "torchrun"] if facility.layout == "per-job" else [])
+            missing = [command for command in needed if shutil.which(command) is None]
+            if missing:
+                raise ChemFLError(
+                    f"facility {facility.name}: its job runs {', '.join(missing)}, which "
+                    f"{'is' if len(missing) == 1 else 'are'} not on PATH here; activate the environment chemfl is "
+                    'installed in (source .venv/bin/activate), or add setup = ["source /path/to/.venv/bin/activate"] '
+                    "to the facility"
+                )
+
+
+def check_submit_folder(facilities: list[Facility], launch_dir: Path, dry_run: bool) -> list[str]:
+    """Sites that run jobs only when they are submitted from outside $HOME (Aurora: from the project
+    directory): qsub runs in the launch folder, so that folder must not be in the home directory.
+    An error when submitting; a warning (returned) for a dry run, which may well run elsewhere."""
+    warnings = []
+    folder = Path(launch_dir).resolve()
+    home = Path.home().resolve()
+    for facility in facilities:
+        why = facility.profile.submit_outside_home
+        if not why or facility.backend != "cli" or not folder.is_relative_to(home):
+            continue
+        message = (
+            f"facility {facility.name}: {why}, and the launch folder {folder} is in your home; "
+            f"use --out /lus/flare/projects/<project>/chemfl/launch (or another folder outside {home})"
+        )
+        if not dry_run:
+            raise ChemFLError(message)
+        warnings.append(f"warning: {message}, before submitting these scripts")
+    return warnings
 
 
 def check_superlink_from_here(plan: LaunchPlan, root_certificates: Path | None) -> str:
@@ -95,7 +120,10 @@ def check_superlink_from_here(plan: LaunchPlan, root_certificates: Path | None) 
             "--root-certificates <local copy of ca.crt>, or --no-check to skip the check"
         )
     check_superlink(target.address, ca, insecure=False)
-    return f"SuperLink {target.address} reachable from here, its certificate verified by {ca or 'the system CAs'}"
+    return (
+        f"SuperLink {target.address} reachable from here, its certificate verified by {ca or 'the system CAs'} "
+        "(each job probes it again from its compute node, through the facility's proxy)"
+    )
 
 
 def write_launch_scripts(plan: LaunchPlan, facilities: list[Facility], launch_dir: Path) -> list[Rendered]:
@@ -128,6 +156,7 @@ def job_targets(plan: LaunchPlan, rendered: list[Rendered]) -> list[JobTarget]:
             resubmit_backoff_seconds=item.facility.resubmit_backoff_seconds,
             globus_endpoint=item.facility.globus_endpoint,
             globus_config=dict(item.facility.globus_config),
+            resubmit_note=item.facility.resubmit_note,
         )
         for item in rendered
     ]
@@ -142,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
     facilities = select_facilities(plan, args.only)
     launch_dir = Path(args.out)
     check_launch_dir(launch_dir)
+    warnings = check_submit_folder(facilities, launch_dir, args.dry_run)
     if args.dry_run:
         checked = "SuperLink not checked (--dry-run)"
     else:
@@ -153,6 +183,11 @@ def run(args: argparse.Namespace) -> int:
         )
     rendered = write_launch_scripts(plan, facilities, launch_dir)
     print(checked)
+    for line in warnings:
+        print(line)
+    for facility in facilities:
+        if facility.resubmit_note:
+            print(f"{facility.name}: {facility.resubmit_note}")
     if args.dry_run:
         print_dry_run(args, rendered)
         return 0

@@ -1,44 +1,197 @@
 #!/bin/bash
-# ChemFL: 2 Flower SuperNodes for facility local (1 node x 2, one per slot),
-# each connecting out to the SuperLink at 127.0.0.1:9092.
+# ChemFL: one Flower SuperNode for facility local and one `chemfl trainer` with 2 ranks (1 node x 2, one per slot).
+# The SuperNode connects out to the SuperLink at 127.0.0.1:9092 and hands every training task to the
+# trainer over a node-local Unix socket; the trainer loads the model once and keeps it for the whole job.
 # Rendered by chemfl.launcher from the facilities file: change that and render again, or edit here.
 set -euo pipefail
 
-# --- Job clock: when the job ends (epoch seconds), and how long before that the SuperNodes are
-# stopped, so that they leave the federation cleanly instead of being killed mid-message.
+# --- Job clock, first thing (before the site's modules, which take a while to load): when the job ends
+# (epoch seconds), and how long before that the services are stopped, so that they leave the federation
+# cleanly instead of being killed mid-message.
 export CHEMFL_JOB_END_TIME=$(( $(date +%s) + 600 ))  # walltime 00:10:00
 export CHEMFL_JOB_ID=$$
 export CHEMFL_STOP_MARGIN=30
 # A SuperNode refused at activation is retried this long (seconds), every CHEMFL_REFUSED_PAUSE s.
 export CHEMFL_REFUSED_RETRY=${CHEMFL_REFUSED_RETRY:-180} CHEMFL_REFUSED_PAUSE=${CHEMFL_REFUSED_PAUSE:-10}
+# flower-supernode retries a lost SuperLink forever unless told otherwise: each call gives up after this long.
+export CHEMFL_CONNECT_WAIT=${CHEMFL_CONNECT_WAIT:-600}
+# The trainer must print "trainer ready in" within this many seconds (loading the model on every rank).
+export CHEMFL_TRAINER_READY_TIMEOUT=${CHEMFL_TRAINER_READY_TIMEOUT:-1800}
 
-# --- One SuperNode, in the foreground: index $1 in this job (0..1), slot $2 on this node.
-# No slot pinning; its own runtime port and FLWR_HOME (node-local) keep it
-# apart from the SuperNodes beside it; timeout stops it CHEMFL_STOP_MARGIN s before the job's end
-# (--foreground keeps it in the job's process group, so that killing the job's group reaches the SuperNode).
+# --- This job's node-local folder (mode 700): FLWR_HOMEs, the trainer's socket and secret, the services'
+# process-group files. Short enough for a Unix socket path (at most 107 bytes) even when TMPDIR is long.
+export CHEMFL_RUN_DIR="${TMPDIR:-/tmp}/chemfl-${CHEMFL_JOB_ID}"
+(( ${#CHEMFL_RUN_DIR} <= 80 )) || CHEMFL_RUN_DIR="/tmp/chemfl-${CHEMFL_JOB_ID}"
+mkdir -p "$CHEMFL_RUN_DIR"
+chmod 700 "$CHEMFL_RUN_DIR"
+rm -f "$CHEMFL_RUN_DIR"/*.pgid "$CHEMFL_RUN_DIR/stopping"
+# The trainer's Unix socket and the secret the SuperNode proves itself with (written below, mode 600).
+export CHEMFL_TRAINER_SOCKET="$CHEMFL_RUN_DIR/trainer.sock"
+export CHEMFL_TRAINER_SECRET="$CHEMFL_RUN_DIR/trainer.secret"
+# The trainer's log: beside the job's own log (the folder the job was submitted from).
+export CHEMFL_TRAINER_LOG="${PBS_O_WORKDIR:-${SLURM_SUBMIT_DIR:-$PWD}}/chemfl-local-${CHEMFL_JOB_ID}.trainer.log"
+
+# --- Stopping. Every service runs under `timeout` (without --foreground), which gives it its own process
+# group; the group's id goes to $CHEMFL_RUN_DIR/<service>.pgid. Stopping signals the whole group, so that
+# it reaches the SuperNode's SuperExec and ClientApps and every launcher rank of the trainer: TERM, then KILL
+# for what is left after CHEMFL_STOP_GRACE s. The groups stay in the job's session, which PBS kills; Slurm
+# kills through cgroups.
+export CHEMFL_STOP_GRACE=${CHEMFL_STOP_GRACE:-40}
+stop_services() {
+  local file pgid waited=0
+  local pgids=()
+  touch "$CHEMFL_RUN_DIR/stopping"  # a SuperNode waiting to retry does not start again
+  for file in "$CHEMFL_RUN_DIR"/*.pgid; do
+    [[ -e $file ]] || continue
+    pgid=$(<"$file")
+    if kill -TERM -- "-$pgid" 2> /dev/null; then
+      pgids+=("$pgid")
+    fi
+  done
+  for pgid in ${pgids[@]+"${pgids[@]}"}; do
+    while kill -0 -- "-$pgid" 2> /dev/null && (( waited < CHEMFL_STOP_GRACE )); do
+      sleep 1
+      waited=$(( waited + 1 ))
+    done
+    kill -KILL -- "-$pgid" 2> /dev/null || true
+  done
+  rm -f "$CHEMFL_RUN_DIR"/*.pgid
+}
+on_signal() {
+  trap - TERM INT HUP
+  echo "chemfl: job signalled ($1): stopping its services" >&2
+  stop_services
+  exit "$2"
+}
+trap 'on_signal TERM 143' TERM
+trap 'on_signal INT 130' INT
+trap 'on_signal HUP 129' HUP
+trap 'stop_services; rm -f "$CHEMFL_TRAINER_SECRET" "$CHEMFL_TRAINER_SOCKET"' EXIT
+
+# A watchdog in its own process group: if this script is killed before it can stop its services (SIGKILL to
+# its process group), it kills them.
+watchdog() {
+  local file
+  while kill -0 "$1" 2> /dev/null && [[ $(ps -o stat= -p "$1" 2> /dev/null) != Z* ]]; do
+    sleep 1
+  done
+  for file in "$CHEMFL_RUN_DIR"/*.pgid; do
+    [[ -e $file ]] && kill -KILL -- "-$(<"$file")" 2> /dev/null
+  done
+  return 0
+}
+timeout --signal=KILL $(( CHEMFL_JOB_END_TIME - $(date +%s) + 600 )) \
+  bash -c "$(declare -f watchdog); watchdog $$" < /dev/null > /dev/null 2>&1 &
+
+# --- The trainer's collectives (auto): no site settings recorded (add any with trainer-env).
+
+# --- The secret the SuperNode proves itself to the trainer with: node-local, in this job's folder (mode 700),
+# the file mode 600. A new one per job.
+rm -f "$CHEMFL_TRAINER_SOCKET"
+(
+  umask 077
+  python3 -c 'import secrets; print(secrets.token_hex(32))' > "$CHEMFL_TRAINER_SECRET" 2> /dev/null \
+    || openssl rand -hex 32 > "$CHEMFL_TRAINER_SECRET"
+)
+chmod 600 "$CHEMFL_TRAINER_SECRET"
+
+# --- The trainer, first: 2 ranks, one per slot (no scheduler: torchrun --standalone, one process per gpus-per-node (CPU/gloo on a laptop)).
+# In the background, under timeout in its own process group. The SuperNode is stopped CHEMFL_STOP_MARGIN s
+# before the job's end and the trainer with it; the trainer's own timeout is a backstop a quarter of that
+# margin later, so that the SuperNode leaves first. Its output goes to $CHEMFL_TRAINER_LOG; rank 0 prints
+# "trainer ready in N.N s" once the model is loaded and the socket listens. It exits non-zero if any rank dies.
+seconds_left=$(( CHEMFL_JOB_END_TIME - $(date +%s) - CHEMFL_STOP_MARGIN ))
+if (( seconds_left <= 0 )); then
+  echo "chemfl: trainer not started: the job ends in under ${CHEMFL_STOP_MARGIN} s" >&2
+  exit 0
+fi
+seconds_left=$(( seconds_left + CHEMFL_STOP_MARGIN / 4 ))
+echo "chemfl: starting the trainer (2 ranks); its log: $CHEMFL_TRAINER_LOG"
+(
+  echo "$BASHPID" > "$CHEMFL_RUN_DIR/trainer.pgid"
+  exec timeout --signal=TERM --kill-after=30 "$seconds_left" \
+    torchrun --standalone --nproc-per-node=2 --no-python \
+    chemfl trainer \
+      --run-config "/work/recipe.toml" \
+      --data-path "/work/partitions/local" \
+      --socket "$CHEMFL_TRAINER_SOCKET" \
+      --secret-file "$CHEMFL_TRAINER_SECRET" \
+      --backend auto \
+      --job-end-time "$CHEMFL_JOB_END_TIME"
+) < /dev/null > "$CHEMFL_TRAINER_LOG" 2>&1 &
+trainer_pid=$!
+
+# --- Wait for it to be ready (at most CHEMFL_TRAINER_READY_TIMEOUT s), and show its ready line in the job's
+# log. A trainer that exits first, or is never ready, fails the job.
+trainer_log_tail() {
+  echo "chemfl: the end of $CHEMFL_TRAINER_LOG:" >&2
+  tail -n 30 "$CHEMFL_TRAINER_LOG" >&2 || true
+}
+ready_by=$(( $(date +%s) + CHEMFL_TRAINER_READY_TIMEOUT ))
+until grep -qs "trainer ready in" "$CHEMFL_TRAINER_LOG"; do
+  if ! kill -0 "$trainer_pid" 2> /dev/null; then
+    status=0
+    wait "$trainer_pid" || status=$?
+    echo "chemfl: the trainer exited (status ${status}) before it was ready; job stopped" >&2
+    trainer_log_tail
+    exit 1
+  fi
+  if (( $(date +%s) >= ready_by )); then
+    echo "chemfl: the trainer was not ready within ${CHEMFL_TRAINER_READY_TIMEOUT} s (loading the model?);" \
+      "job stopped (raise CHEMFL_TRAINER_READY_TIMEOUT if loading takes longer)" >&2
+    trainer_log_tail
+    exit 1
+  fi
+  sleep 1
+done
+echo "chemfl: $(grep -m 1 "trainer ready in" "$CHEMFL_TRAINER_LOG")"
+
+# --- The SuperNode (index $1 = 0, port offset $2 = 0), in the foreground of this function (run in the background).
+# It hands its training tasks to the trainer (node config trainer=unix:<socket>, trainer-secret-file) and
+# trains on the whole shard; its own FLWR_HOME is node-local. timeout stops it CHEMFL_STOP_MARGIN s before
+# the job's end; it gives up after CHEMFL_CONNECT_WAIT s without the SuperLink.
 # The SuperLink refuses a SuperNode ("code: 2004" in its log, Flower exit code 305) whose key is still
 # online from an earlier SuperNode that ended uncleanly (a killed job), until that one misses two
 # heartbeats (~60 s), and one whose key is not registered: retry for CHEMFL_REFUSED_RETRY s, then give up.
 start_supernode() {
   local index=$1 gpu=$2
-  local flwr_home="${TMPDIR:-/tmp}/chemfl-${CHEMFL_JOB_ID}-${index}"
+  local flwr_home="${CHEMFL_RUN_DIR}/supernode-${index}"
   local output="${flwr_home}/supernode.out"  # this attempt's output, also in the job's log
   local seconds_left status refused_since=0
   mkdir -p "$flwr_home"
   while true; do
+    if [[ -e $CHEMFL_RUN_DIR/stopping ]]; then
+      return 0  # the job is stopping its services
+    fi
     seconds_left=$(( CHEMFL_JOB_END_TIME - $(date +%s) - CHEMFL_STOP_MARGIN ))
     if (( seconds_left <= 0 )); then
       echo "chemfl: SuperNode ${index} not started: the job ends in under ${CHEMFL_STOP_MARGIN} s" >&2
       return 0  # out of time, not a failure: like a SuperNode stopped on schedule
     fi
     status=0
-    FLWR_HOME="$flwr_home" timeout --signal=TERM --kill-after=30 --foreground "$seconds_left" \
-      flower-supernode \
-        --superlink 127.0.0.1:9092 \
-        --insecure \
-        --port $(( 9094 + gpu )) \
-        --node-config "facility='local' data-path='/work/partitions/local' data-slice='${index}/2' job-end-time=${CHEMFL_JOB_END_TIME}" \
-      2>&1 | tee "$output" || status=$?
+    (
+      export FLWR_HOME="$flwr_home"
+      timeout --signal=TERM --kill-after=30 "$seconds_left" \
+        flower-supernode \
+          --superlink 127.0.0.1:9092 \
+          --insecure \
+          --port $(( 9094 + gpu )) \
+          --max-wait-time "$CHEMFL_CONNECT_WAIT" \
+          --node-config "facility='local' data-path='/work/partitions/local' trainer='unix:${CHEMFL_TRAINER_SOCKET}' trainer-secret-file='${CHEMFL_TRAINER_SECRET}' job-end-time=${CHEMFL_JOB_END_TIME}" \
+          < /dev/null &
+      pgid=$!  # timeout's process group: the SuperNode and everything it starts
+      echo "$pgid" > "${CHEMFL_RUN_DIR}/supernode-${index}.pgid"
+      status=0
+      wait "$pgid" || status=$?
+      # What the SuperNode leaves behind (its SuperExec, ClientApps) goes with it, and lets go of the log pipe.
+      kill -TERM -- "-$pgid" 2> /dev/null || true
+      for (( waited = 0; waited < 5; waited++ )); do
+        kill -0 -- "-$pgid" 2> /dev/null || break
+        sleep 1
+      done
+      kill -KILL -- "-$pgid" 2> /dev/null || true
+      exit "$status"
+    ) 2>&1 | tee "$output" || status=$?
     if (( status == 0 || status == 124 )); then  # 124: timeout stopped it on schedule
       return 0
     fi
@@ -55,19 +208,33 @@ start_supernode() {
   done
 }
 
-# --- One node's SuperNodes, each in the background; node $1 runs indices $1*2 .. $1*2+1.
-# The node fails (and so the job) if any of its SuperNodes failed (crashed, or refused for good).
-start_node() {
-  local node=$1 gpu pid failed=0
-  local pids=()
-  for gpu in {0..1}; do
-    start_supernode $(( node * 2 + gpu )) "$gpu" &
-    pids+=("$!")
-  done
-  for pid in "${pids[@]}"; do
-    wait "$pid" || failed=1
-  done
-  return "$failed"
-}
-
-start_node 0
+# --- Then the SuperNode, in the background beside the trainer, until one of them ends. Whichever ends
+# first, the other is stopped; a service that ends before its time fails the job (non-zero), so that it
+# shows as failed and is resubmitted (chemfl launch submit --watch).
+start_supernode 0 0 &
+supernode_pid=$!
+while kill -0 "$trainer_pid" 2> /dev/null && kill -0 "$supernode_pid" 2> /dev/null; do
+  sleep 1
+done
+status=0
+if ! kill -0 "$trainer_pid" 2> /dev/null; then
+  wait "$trainer_pid" || status=$?
+  if (( status == 124 )); then
+    echo "chemfl: the trainer stopped on schedule; stopping the SuperNode"
+    stop_services
+    exit 0
+  fi
+  echo "chemfl: the trainer exited (status ${status}) while the SuperNode ran; stopping the SuperNode" >&2
+  stop_services
+  trainer_log_tail
+  exit $(( status == 0 ? 1 : status ))
+fi
+wait "$supernode_pid" || status=$?
+if (( status == 0 )); then
+  echo "chemfl: the SuperNode ended (on schedule, or with nothing left to do); stopping the trainer"
+  stop_services
+  exit 0
+fi
+echo "chemfl: the SuperNode failed (status ${status}); stopping the trainer" >&2
+stop_services
+exit "$status"
