@@ -46,12 +46,15 @@ def register(verbs: argparse._SubParsersAction) -> None:
 def _add_superlink(actions: argparse._SubParsersAction) -> None:
     superlink = actions.add_parser(
         "superlink",
-        help="SuperLink side: TLS certificates, SuperNode keys, superlink.sh, the flwr connection",
+        help="SuperLink side: TLS certificates, SuperNode keys, superlink.sh, proxy.sh, the flwr connection",
         description="Writes OUT/certs (a CA and a server certificate for --host), OUT/keys (one key per SuperNode "
         "of every facility, named <facility>-<index>), OUT/superlink.sh (flower-superlink with TLS, SuperNode "
         "authentication, a database, runtime dependency installation off) and the flwr connection entry; prints "
-        "what to copy to each facility. Rerunning keeps the CA and the keys (SuperNodes keep their identity) and "
-        "renews the server certificate.",
+        'what to copy to each facility. With the facilities file\'s [superlink] exposure = "fleet-only" (the '
+        "default) the SuperLink listens on 127.0.0.1:--internal-port and OUT/proxy.sh runs nginx (OUT/proxy.conf) "
+        "on --port, forwarding only the Fleet API that SuperNodes use; `flwr run` and `launch register` then go to "
+        "127.0.0.1 on the SuperLink host (or through ssh -L). Rerunning keeps the CA and the keys (SuperNodes keep "
+        "their identity) and renews the server certificate.",
     )
     superlink.add_argument("facilities", type=Path, metavar="FACILITIES.toml")
     superlink.add_argument(
@@ -66,17 +69,34 @@ def _add_superlink(actions: argparse._SubParsersAction) -> None:
         "--out",
         type=Path,
         default=Path("server"),
-        help="folder for certificates, keys and superlink.sh (default: server)",
+        help="folder for certificates, keys, superlink.sh and proxy.sh (default: server)",
     )
     superlink.add_argument(
         "--port",
         type=int,
         default=8000,
-        help="port flower-superlink listens on (default: 8000, Flower's); it serves SuperNodes, `flwr run` and key "
-        "registration alike",
+        help="the public port SuperNodes reach (default: 8000, Flower's): nginx's with exposure fleet-only (the "
+        "default), flower-superlink's own with exposure direct",
     )
     superlink.add_argument(
-        "--bind", default="0.0.0.0", help="address flower-superlink binds (default: 0.0.0.0, every interface)"
+        "--internal-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="exposure fleet-only: the port flower-superlink listens on, on 127.0.0.1 only; `flwr run` and "
+        "`launch register` use it there or through ssh -L (default: 9093)",
+    )
+    superlink.add_argument(
+        "--bind",
+        default=None,
+        help="address the public port binds (default: 0.0.0.0, every interface; with exposure direct on a local "
+        "address: 127.0.0.1)",
+    )
+    superlink.add_argument(
+        "--expose-control-api",
+        action="store_true",
+        help='allow exposure = "direct" with a non-local address or bind: the SuperLink\'s Control API (flwr run: '
+        "code every SuperNode executes) is then open to whoever reaches the port; only on trusted networks",
     )
     superlink.add_argument(
         "--connection",
@@ -87,7 +107,8 @@ def _add_superlink(actions: argparse._SubParsersAction) -> None:
         "--connection-address",
         default=None,
         metavar="HOST:PORT",
-        help="where `flwr run` and `register` reach the SuperLink (default: the [superlink] host with --port)",
+        help="where `flwr run` and `register` reach the SuperLink (default: 127.0.0.1:--internal-port with exposure "
+        "fleet-only, the [superlink] host with --port with exposure direct)",
     )
     superlink.add_argument(
         "--flwr-home",

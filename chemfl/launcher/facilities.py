@@ -10,6 +10,10 @@ at each facility) that change independently of the experiment:
     insecure = false                      # plain gRPC: only towards localhost / 127.0.0.1 / ::1
     keys-dir = "~/chemfl/keys"            # SuperNode private keys AT THE FACILITY, one per SuperNode,
                                           # named <facility>-<index>; "" = no node authentication
+    exposure = "fleet-only"               # `chemfl launch superlink`: fleet-only (default) puts nginx on the
+                                          # public port, forwarding only the Fleet API to a SuperLink on
+                                          # 127.0.0.1; direct = the SuperLink itself on the port (Control API
+                                          # included: localhost studies only)
 
     [facilities.<name>]                   # name: letters, digits, '-' and '_'
     profile = "polaris"                   # polaris | aurora | frontier | perlmutter | pbs | slurm | local
@@ -71,7 +75,8 @@ from chemfl.launcher.profiles import GPU_PINNINGS, LAYOUTS, PROFILES, TRAINER_BA
 BACKENDS = ("cli", "globus")
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 
-SUPERLINK_KEYS = {"address", "root-certificates", "insecure", "keys-dir"}
+SUPERLINK_KEYS = {"address", "root-certificates", "insecure", "keys-dir", "exposure"}
+EXPOSURES = ("fleet-only", "direct")  # [superlink] exposure: see chemfl.launcher.proxy
 FACILITY_KEYS = {
     "profile",
     "account",
@@ -111,6 +116,7 @@ class SuperLinkTarget:
     root_certificates: str  # "" = the system's CA bundle
     insecure: bool
     keys_dir: str  # "" = no SuperNode authentication
+    exposure: str = "fleet-only"  # what `chemfl launch superlink` puts on the port: "fleet-only" | "direct"
 
 
 @dataclass(frozen=True)
@@ -226,7 +232,14 @@ def _superlink(table: dict[str, Any]) -> SuperLinkTarget:
         root_certificates=_path(table, "root-certificates", "", where),
         insecure=_get(table, "insecure", bool, False, where),
         keys_dir=_path(table, "keys-dir", "", where),
+        exposure=_get(table, "exposure", str, "fleet-only", where),
     )
+    if target.exposure not in EXPOSURES:
+        raise ChemFLError(
+            f'{where}: exposure "{target.exposure}" is unknown; use "fleet-only" (the default: a proxy on the '
+            'public port forwards only the Fleet API to the SuperLink on 127.0.0.1) or "direct" (the SuperLink '
+            "itself on the port, its Control API included: for localhost studies)"
+        )
     if target.insecure:
         if host not in LOCAL_HOSTS:
             raise ChemFLError(

@@ -555,10 +555,33 @@ def write_connection(
 
 # --------------------------------------------------------------------------- reachability
 
+_GATEWAY_ERRORS = (502, 503, 504)  # nginx: the SuperLink behind it is down, starting, or too slow
+
+
+def _check_behind_proxy(tls: ssl.SSLSocket, address: str, host: str) -> None:
+    """`GET /health` on the verified connection: the SuperLink answers 200; a fleet-only proxy whose
+    SuperLink is down answers 502. Only a gateway error fails: anything else (no answer, another
+    status, a listener that closes after the handshake) leaves the TLS check as the verdict."""
+    name = f"[{host}]" if ":" in host else host
+    try:
+        tls.sendall(f"GET /health HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n".encode("ascii"))
+        status_line = tls.recv(256).split(b"\r\n", 1)[0].decode("ascii", "replace")
+    except (OSError, ssl.SSLError):
+        return
+    parts = status_line.split()
+    if len(parts) >= 2 and parts[0].startswith("HTTP/") and parts[1].isdigit() and int(parts[1]) in _GATEWAY_ERRORS:
+        raise ChemFLError(
+            f"{address} answers TLS with the right certificate but the SuperLink behind it does not (HTTP "
+            f"{parts[1]} for /health): the proxy (proxy.sh) runs, the SuperLink (superlink.sh) does not, or not "
+            "on the internal port proxy.conf forwards to; start superlink.sh on the SuperLink host"
+        )
+
 
 def check_superlink(address: str, root_certificates: Path | None, insecure: bool, timeout: float = 5) -> None:
     """Raise ChemFLError unless `address` accepts TCP and (unless insecure) a TLS handshake
-    whose certificate `root_certificates` verifies for that host name.
+    whose certificate `root_certificates` verifies for that host name, and, when it answers
+    `GET /health` with a gateway error, unless the SuperLink behind it is up (a fleet-only proxy
+    answers TLS on its own: chemfl.launcher.proxy).
 
     `root_certificates` None with TLS: the system trust store (a SuperLink with a public cert).
     """
@@ -603,7 +626,8 @@ def check_superlink(address: str, root_certificates: Path | None, insecure: bool
         if context is None:
             return
         try:
-            with context.wrap_socket(sock, server_hostname=host):
+            with context.wrap_socket(sock, server_hostname=host) as tls:
+                _check_behind_proxy(tls, address, host)
                 return
         except ssl.SSLCertVerificationError as err:
             if err.verify_code in (62, 64):  # X509_V_ERR_HOSTNAME_MISMATCH, _IP_ADDRESS_MISMATCH

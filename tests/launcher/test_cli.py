@@ -466,7 +466,13 @@ def test_superlink_writes_certificates_keys_script_and_connection(tmp_path, cert
     script = (out / "superlink.sh").read_text()
     assert subprocess.run(["bash", "-n", str(out / "superlink.sh")]).returncode == 0
     command = shlex.split(script.split("exec ", 1)[1].replace("\\\n", " ").replace('"$here', f'"{out}'))
-    assert command[:5] == ["flower-superlink", "--host", "0.0.0.0", "--port", "8000"]
+    # exposure fleet-only (the default): the SuperLink on 127.0.0.1:9093, nginx on the public port 8000
+    assert command[:5] == ["flower-superlink", "--host", "127.0.0.1", "--port", "9093"]
+    assert "ssh -N -L 9093:127.0.0.1:9093" in script
+    assert subprocess.run(["bash", "-n", str(out / "proxy.sh")]).returncode == 0
+    proxy_conf = (out / "proxy.conf").read_text()
+    assert "listen 0.0.0.0:8000 ssl;" in proxy_conf and "server 127.0.0.1:9093;" in proxy_conf
+    assert "ssl_certificate certs/server.crt;" in proxy_conf  # relative: the folder can move
     for flag, file in (
         ("--ssl-ca-certfile", "certs/ca.crt"),
         ("--ssl-certfile", "certs/server.crt"),
@@ -478,16 +484,56 @@ def test_superlink_writes_certificates_keys_script_and_connection(tmp_path, cert
     assert "export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in script
 
     connection = tomllib.loads((home / "config.toml").read_text())["superlink"]["chemfl-test"]
-    assert connection == {"address": "fl.example.org:8000", "root-certificates": str(out / "certs" / "ca.crt")}
+    assert connection == {"address": "127.0.0.1:9093", "root-certificates": str(out / "certs" / "ca.crt")}
     assert "server/keys/polaris-0 .. polaris-1 -> ~/chemfl/keys/" in printed.replace(str(tmp_path) + "/", "")
     assert "certs/ca.crt -> ~/chemfl/certs/ca.crt" in printed
     assert "forward it to 8000" in printed  # SuperNodes were told 443
     assert "chemfl launch register" in printed
+    assert "proxy.sh" in printed and "ssh -N -L 9093:127.0.0.1:9093 fl.example.org" in printed
 
     # A rerun keeps the CA and every key (SuperNodes keep their identity and their copies).
     kept = {p: p.read_bytes() for p in [out / "certs" / "ca.crt", *(out / "keys").iterdir()]}
     assert run_cli("superlink", path, "--out", out, "--flwr-home", home, "--connection", "chemfl-test") == 0
     assert all(p.read_bytes() == data for p, data in kept.items())
+
+
+def test_superlink_direct_exposure_only_when_asked(tmp_path, capsys):
+    """exposure = "direct": the SuperLink itself on the public port (Control API included), refused on a
+    non-local address or bind unless --expose-control-api; no proxy files; the connection on that port."""
+    path = facilities_file(tmp_path, "fl.example.org:8000", "~/chemfl/certs/ca.crt", superlink={"exposure": "direct"})
+    out, home = tmp_path / "server", tmp_path / "flwr-home"
+    assert run_cli("superlink", path, "--out", out, "--flwr-home", home) == 2
+    assert "--expose-control-api" in capsys.readouterr().err and not out.exists()
+    assert run_cli("superlink", path, "--out", out, "--flwr-home", home, "--expose-control-api") == 0
+    printed = capsys.readouterr().out
+    assert "also serves the Control API" in printed and "proxy.sh" not in printed
+    setup = json.loads((out / "superlink.json").read_text())
+    assert setup["command"][1:5] == ["--host", "0.0.0.0", "--port", "8000"]
+    assert (setup["exposure"], setup["internal_port"], setup["connection_address"]) == (
+        "direct",
+        None,
+        "fl.example.org:8000",
+    )
+    assert not (out / "proxy.sh").exists() and not (out / "proxy.conf").exists()
+
+    # A localhost study needs no override, and binds 127.0.0.1.
+    local = facilities_file(tmp_path, "127.0.0.1:8000", out / "certs" / "ca.crt", superlink={"exposure": "direct"})
+    assert run_cli("superlink", local, "--out", out, "--flwr-home", home) == 0
+    assert json.loads((out / "superlink.json").read_text())["command"][1:3] == ["--host", "127.0.0.1"]
+
+
+def test_a_set_up_written_before_the_proxy_loads_as_direct(tmp_path):
+    from chemfl.launcher.commands.superlink import SuperLinkSetup
+
+    path = facilities_file(tmp_path, "fl.example.org:8000", "~/chemfl/certs/ca.crt")
+    out = tmp_path / "server"
+    assert run_cli("superlink", path, "--out", out, "--flwr-home", tmp_path / "home") == 0
+    data = json.loads((out / "superlink.json").read_text())
+    assert SuperLinkSetup.load(out).superlink_port == 9093
+    del data["exposure"], data["internal_port"]
+    (out / "superlink.json").write_text(json.dumps(data))
+    old = SuperLinkSetup.load(out)
+    assert (old.exposure, old.internal_port, old.superlink_port, old.proxy_script) == ("direct", None, 8000, None)
 
 
 SUPERLINK_ERRORS = {
@@ -501,6 +547,21 @@ SUPERLINK_ERRORS = {
     "connection name": (["--connection", "not a name"], {}, "connection name"),
     "port": (["--port", "70000"], {}, "--port 70000"),
     "host": (["--host", "https://fl.example.org"], {}, "neither a DNS name nor an IP address"),
+    "unknown exposure": ([], {"exposure": "public"}, 'exposure "public" is unknown'),
+    "direct on a public address": ([], {"exposure": "direct"}, "--expose-control-api"),
+    "direct on a public bind": (
+        ["--bind", "0.0.0.0"],
+        {"exposure": "direct", "address": "127.0.0.1:8000"},
+        "--bind 0.0.0.0: anyone who reaches",
+    ),
+    "internal port with direct": (
+        ["--internal-port", "9000", "--expose-control-api"],
+        {"exposure": "direct"},
+        "--internal-port applies",
+    ),
+    "override with fleet-only": (["--expose-control-api"], {}, '--expose-control-api applies to exposure = "direct"'),
+    "one port for both": (["--internal-port", "8000"], {}, "--internal-port and --port are both 8000"),
+    "internal port": (["--internal-port", "0"], {}, "--internal-port 0 is not a TCP port"),
 }
 
 
@@ -529,14 +590,14 @@ def test_superlink_refuses_a_broken_flwr_config_before_writing(tmp_path, capsys)
 def test_register_says_to_start_the_superlink_first(tmp_path, capsys):
     port = free_port()
     path = facilities_file(tmp_path, f"127.0.0.1:{port}", tmp_path / "server" / "certs" / "ca.crt")
-    assert (
-        run_cli("superlink", path, "--out", tmp_path / "server", "--flwr-home", tmp_path / "home", "--port", str(port))
-        == 0
-    )
+    internal = free_port()
+    argv = ["--out", tmp_path / "server", "--flwr-home", tmp_path / "home", "--port", port, "--internal-port", internal]
+    assert run_cli("superlink", path, *argv) == 0
     capsys.readouterr()
     assert run_cli("register", tmp_path / "server") == 2
     error = capsys.readouterr().err
-    assert "is not reachable" in error and "superlink.sh first" in error
+    assert f"127.0.0.1:{internal} is not reachable" in error and "superlink.sh first" in error
+    assert f"ssh -N -L {internal}:127.0.0.1:{internal}" in error  # exposure fleet-only: the Control API is local
     assert run_cli("register", tmp_path / "nowhere") == 2
     assert "chemfl launch superlink" in capsys.readouterr().err
     setup = json.loads((tmp_path / "server" / "superlink.json").read_text())

@@ -225,6 +225,7 @@ def test_REAL_deployment_survives_a_killed_facility_job(tmp_path: Path, processe
                     "address": f"127.0.0.1:{port}",
                     "root-certificates": str(server / "certs" / "ca.crt"),
                     "keys-dir": str(server / "keys"),
+                    "exposure": "direct",  # one machine: the SuperLink itself on 127.0.0.1 (test_proxy.py: nginx)
                 },
                 "facilities": {
                     name: {

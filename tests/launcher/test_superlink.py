@@ -317,7 +317,8 @@ def test_write_connection_refuses_bad_input_and_leaves_the_file(tmp_path: Path, 
 class _Listener:
     """A 127.0.0.1 listener in a thread: TLS with `certs`, or plain TCP that answers like HTTP."""
 
-    def __init__(self, certs: CertificatePaths | None, host: str = "127.0.0.1") -> None:
+    def __init__(self, certs: CertificatePaths | None, host: str = "127.0.0.1", answer: bytes = b"") -> None:
+        self.answer = answer  # TLS: what to send back to the first request after the handshake (b"": close)
         self.context = None
         if certs is not None:
             self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -344,8 +345,10 @@ class _Listener:
                         conn.recv(1024)
                         conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
                     else:
-                        with self.context.wrap_socket(conn, server_side=True):
-                            pass
+                        with self.context.wrap_socket(conn, server_side=True) as tls:
+                            if self.answer:
+                                tls.recv(1024)
+                                tls.sendall(self.answer)
                 except (OSError, ssl.SSLError):
                     pass
 
@@ -366,6 +369,22 @@ def test_check_superlink_passes_for_a_tls_server_the_ca_trusts(tls_server, certs
     check_superlink(tls_server.address, certs.ca_cert, insecure=False)
     port = tls_server.address.rsplit(":", 1)[1]
     check_superlink(f"localhost:{port}", certs.ca_cert, insecure=False)
+
+
+@pytest.mark.parametrize("status", [502, 503, 504])
+def test_check_superlink_sees_a_proxy_without_its_superlink(certs, status: int):
+    """A fleet-only proxy answers TLS on its own; GET /health then says whether the SuperLink is behind it."""
+    down = _Listener(certs, answer=f"HTTP/1.1 {status} Bad Gateway\r\nContent-Length: 0\r\n\r\n".encode())
+    up = _Listener(certs, answer=b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    other = _Listener(certs, answer=b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+    try:
+        with pytest.raises(ChemFLError, match=f"SuperLink behind it does not \\(HTTP {status} for /health\\)"):
+            check_superlink(down.address, certs.ca_cert, insecure=False, timeout=2)
+        check_superlink(up.address, certs.ca_cert, insecure=False, timeout=2)
+        check_superlink(other.address, certs.ca_cert, insecure=False, timeout=2)  # not a gateway error
+    finally:
+        for listener in (down, up, other):
+            listener.close()
 
 
 def test_check_superlink_nothing_listening():

@@ -26,7 +26,14 @@ def register_keys(server: Path, flwr_home: Path | None = None) -> RegisterReport
     try:
         check_superlink(setup.connection_address, setup.ca_cert, insecure=False)
     except ChemFLError as error:
-        raise ChemFLError(f"{error} (start {setup.script} first, then register)") from None
+        where = ""
+        if setup.exposure == "fleet-only":
+            # The Control API (key registration) is on 127.0.0.1 of the SuperLink host only: the proxy refuses it.
+            where = (
+                f"; exposure fleet-only: register on the SuperLink host, or open ssh -N -L "
+                f"{setup.internal_port}:127.0.0.1:{setup.internal_port} <SuperLink host> first"
+            )
+        raise ChemFLError(f"{error} (start {setup.script} first, then register{where})") from None
     return register_supernodes(
         setup.public_keys(), setup.connection, flwr_home=flwr_home or setup.flwr_home, flwr=flwr_executable("flwr")
     )

@@ -1,9 +1,19 @@
 """`chemfl launch superlink`: the SuperLink side of a deployment, written once every input is checked:
-certificates, SuperNode keys, superlink.sh, the flwr connection, and superlink.json for `launch register`."""
+certificates, SuperNode keys, superlink.sh, (exposure fleet-only, the default) proxy.conf and proxy.sh,
+the flwr connection, and superlink.json for `launch register`.
+
+Exposure (the facilities file's `[superlink] exposure`): flwr 1.42 serves the Fleet, Control and Runtime
+APIs on one port and the Control API has no accounts, so whoever reaches that port can run code on every
+SuperNode. "fleet-only" binds the SuperLink to 127.0.0.1:<internal port> and puts nginx on the public
+port, forwarding only the Fleet API (chemfl.launcher.proxy); `flwr run` and `launch register` then go
+to 127.0.0.1:<internal port> on the SuperLink host, or through an SSH tunnel to it. "direct" is the
+SuperLink itself on the port, for studies on one machine: refused on a non-local address or bind
+unless --expose-control-api."""
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import shlex
@@ -18,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from chemfl.errors import ChemFLError
 from chemfl.files import write_file_atomically
+from chemfl.launcher import proxy
 from chemfl.launcher import superlink as sl
 from chemfl.launcher.cli import DEFAULT_CONNECTION
 from chemfl.launcher.commands.paths import shown
@@ -53,6 +64,17 @@ class SuperLinkSetup:
     supernodes: dict[str, list[str]] = field(default_factory=dict)  # facility -> key names
     root_certificates_at_facilities: str = ""
     keys_dir_at_facilities: str = ""
+    exposure: str = "direct"  # "fleet-only": nginx on `port`, the SuperLink on 127.0.0.1:internal_port
+    internal_port: int | None = None  # fleet-only: where the SuperLink listens (127.0.0.1)
+
+    @property
+    def superlink_port(self) -> int:
+        """The port flower-superlink itself listens on."""
+        return self.internal_port if self.exposure == "fleet-only" and self.internal_port else self.port
+
+    @property
+    def proxy_script(self) -> Path | None:
+        return self.out / proxy.SCRIPT_FILE if self.exposure == "fleet-only" else None
 
     def public_keys(self) -> list[Path]:
         return [self.out / KEYS_DIR / f"{name}.pub" for names in self.supernodes.values() for name in names]
@@ -71,6 +93,8 @@ class SuperLinkSetup:
             "supernodes": self.supernodes,
             "root_certificates_at_facilities": self.root_certificates_at_facilities,
             "keys_dir_at_facilities": self.keys_dir_at_facilities,
+            "exposure": self.exposure,
+            "internal_port": self.internal_port,
         }
 
     @classmethod
@@ -99,6 +123,8 @@ class SuperLinkSetup:
             supernodes=data["supernodes"],
             root_certificates_at_facilities=data["root_certificates_at_facilities"],
             keys_dir_at_facilities=data["keys_dir_at_facilities"],
+            exposure=data.get("exposure", "direct"),  # set-ups written before the proxy were direct
+            internal_port=data.get("internal_port"),
         )
 
 
@@ -124,12 +150,20 @@ def prepare_superlink(
     out: Path,
     hosts: list[str] | None = None,
     port: int = 8000,
-    bind: str = "0.0.0.0",
+    bind: str | None = None,
     connection: str = DEFAULT_CONNECTION,
     connection_address: str | None = None,
     flwr_home: Path | None = None,
+    *,
+    internal_port: int | None = None,
+    expose_control_api: bool = False,
 ) -> SuperLinkSetup:
-    """Everything `chemfl launch superlink` writes; every input is checked before the first file."""
+    """Everything `chemfl launch superlink` writes; every input is checked before the first file.
+
+    `port` is the public port SuperNodes reach: nginx's (exposure fleet-only) or flower-superlink's
+    (direct). `bind` is where that port listens (default: every interface for fleet-only, 127.0.0.1 for a
+    direct SuperLink on a local address). `internal_port` (fleet-only) is the SuperLink's on 127.0.0.1.
+    """
     plan = load_facilities(facilities_file)
     target = plan.superlink
     _check_target_expects_own_ca(target, facilities_file)
@@ -137,18 +171,48 @@ def prepare_superlink(
     hosts = _certificate_hosts(hosts or [address_host], address_host, target.address)
     if not isinstance(port, int) or not 0 < port < 65536:
         raise ChemFLError(f"--port {port} is not a TCP port: give 1-65535 (default 8000)")
+    fleet_only = target.exposure == "fleet-only"
+    if fleet_only:
+        bind = bind or "0.0.0.0"
+        internal_port = proxy.INTERNAL_DEFAULT_PORT if internal_port is None else internal_port
+        if not isinstance(internal_port, int) or not 0 < internal_port < 65536:
+            raise ChemFLError(f"--internal-port {internal_port} is not a TCP port: give 1-65535 (default 9093)")
+        if internal_port == port:
+            raise ChemFLError(
+                f"--internal-port and --port are both {port}: the SuperLink (127.0.0.1) and the proxy need "
+                f"their own ports; keep --port {port} for the SuperNodes and give another --internal-port"
+            )
+        if expose_control_api:
+            raise ChemFLError(
+                f'--expose-control-api applies to exposure = "direct" only; {facilities_file} asks for '
+                '"fleet-only", where the Control API stays on 127.0.0.1'
+            )
+    else:
+        if internal_port is not None:
+            raise ChemFLError(
+                f'--internal-port applies to exposure = "fleet-only" only; {facilities_file} asks for "direct" '
+                "(one port, --port, for everything)"
+            )
+        bind = bind or ("127.0.0.1" if sl._is_local(address_host) else "0.0.0.0")
+        _check_direct_exposure(facilities_file, target.address, address_host, bind, port, expose_control_api)
     if bind not in ("0.0.0.0", "::"):
         sl._check_host(bind)
     sl._check_connection_name(connection)
-    connection_address = connection_address or (
-        f"[{address_host}]:{port}" if ":" in address_host else f"{address_host}:{port}"
-    )
+    if connection_address is None:
+        connection_address = (
+            f"127.0.0.1:{internal_port}"
+            if fleet_only
+            else (f"[{address_host}]:{port}" if ":" in address_host else f"{address_host}:{port}")
+        )
     sl.parse_address(connection_address)
     flwr_home = Path(flwr_home).expanduser() if flwr_home is not None else default_flwr_home()
     _check_flwr_config(flwr_home / sl.FLOWER_CONFIG_FILE)
     supernodes = _supernode_names(plan) if target.keys_dir else {}
     out = Path(out).resolve()
     _check_kept_credentials(out, supernodes)
+    if fleet_only:
+        assert internal_port is not None
+        config = proxy.proxy_config(bind=bind, port=port, internal_port=internal_port, address=target.address)
 
     # Checked: now write.
     certificates = sl.make_certificates(out / CERTS_DIR, hosts)
@@ -157,12 +221,28 @@ def prepare_superlink(
     command = sl.superlink_command(
         certificates=certificates,
         database=out / DATABASE,
-        host=bind,
-        port=port,
+        host="127.0.0.1" if fleet_only else bind,
+        port=internal_port if fleet_only and internal_port else port,
         enable_supernode_auth=bool(supernodes),
     )
     script = out / SCRIPT_FILE
-    write_file_atomically(script, superlink_script(command, out, target.address, bool(supernodes)), 0o755)
+    write_file_atomically(
+        script,
+        superlink_script(command, out, target.address, bool(supernodes), public_port=port if fleet_only else None),
+        0o755,
+    )
+    if fleet_only:
+        assert internal_port is not None
+        write_file_atomically(out / proxy.CONFIG_FILE, config, 0o644)
+        write_file_atomically(
+            out / proxy.SCRIPT_FILE,
+            proxy.proxy_script(address=target.address, port=port, internal_port=internal_port),
+            0o755,
+        )
+    else:
+        # A set-up switched to direct must not leave a proxy script that no longer matches superlink.sh.
+        for name in (proxy.CONFIG_FILE, proxy.SCRIPT_FILE):
+            (out / name).unlink(missing_ok=True)
     sl.write_connection(flwr_home, connection, connection_address, certificates.ca_cert, False)
     setup = SuperLinkSetup(
         out=out,
@@ -180,9 +260,34 @@ def prepare_superlink(
         supernodes=supernodes,
         root_certificates_at_facilities=target.root_certificates,
         keys_dir_at_facilities=target.keys_dir,
+        exposure=target.exposure,
+        internal_port=internal_port if fleet_only else None,
     )
     write_file_atomically(out / SETUP_FILE, json.dumps(setup.to_json(), indent=2) + "\n", 0o644)
     return setup
+
+
+def _is_loopback(bind: str) -> bool:
+    try:
+        return ipaddress.ip_address(bind.strip("[]")).is_loopback
+    except ValueError:
+        return bind.lower() == "localhost"
+
+
+def _check_direct_exposure(
+    facilities_file: Path, address: str, address_host: str, bind: str, port: int, expose_control_api: bool
+) -> None:
+    """exposure = "direct" puts the Control API (flwr run: code every SuperNode executes) on the port:
+    only for a SuperLink that nothing but this machine reaches, unless explicitly overridden."""
+    if expose_control_api or (sl._is_local(address_host) and _is_loopback(bind)):
+        return
+    where = f"SuperNodes connect to {address}" if not sl._is_local(address_host) else f"--bind {bind}"
+    raise ChemFLError(
+        f'{facilities_file}: exposure = "direct" puts the SuperLink\'s Control API on port {port}, and {where}: '
+        "anyone who reaches that port could start runs whose code every SuperNode executes (Flower has no "
+        'accounts on it). Remove exposure (the default "fleet-only" puts a proxy on the port that forwards '
+        "only the Fleet API), or, if only trusted machines can reach the port, pass --expose-control-api"
+    )
 
 
 def _check_target_expects_own_ca(target: SuperLinkTarget, facilities_file: Path) -> None:
@@ -263,8 +368,11 @@ def _check_existing_key(path: Path) -> None:
         )
 
 
-def superlink_script(command: list[str], out: Path, address: str, authentication: bool) -> str:
-    """superlink.sh: the command with paths relative to the script's folder, so the folder can move."""
+def superlink_script(
+    command: list[str], out: Path, address: str, authentication: bool, *, public_port: int | None = None
+) -> str:
+    """superlink.sh: the command with paths relative to the script's folder, so the folder can move.
+    `public_port`: exposure fleet-only, the port proxy.sh serves (the SuperLink is on 127.0.0.1)."""
     prefix = str(out) + os.sep
 
     def word(arg: str) -> str:
@@ -273,11 +381,22 @@ def superlink_script(command: list[str], out: Path, address: str, authentication
         return shlex.quote(arg)
 
     port = command[command.index("--port") + 1]
+    if public_port is None:
+        exposure = [
+            f"# ChemFL SuperLink: SuperNodes connect to {address}. One HTTPS port ({port}) serves the SuperNodes,",
+            "# `flwr run` and `flwr supernode register`, and whoever reaches it can start runs (code every SuperNode",
+            '# executes) and register keys (exposure = "direct"): open it to no one but this machine.',
+        ]
+    else:
+        exposure = [
+            f"# ChemFL SuperLink on 127.0.0.1:{port} only (exposure fleet-only): SuperNodes connect to",
+            f"# {address}, where proxy.sh (nginx, port {public_port}) forwards only their Fleet API calls here.",
+            f"# `flwr run`, `flwr ls` and `chemfl launch register` use 127.0.0.1:{port} on this host, or",
+            f"# ssh -N -L {port}:127.0.0.1:{port} to it.",
+        ]
     lines = [
         "#!/bin/bash",
-        f"# ChemFL SuperLink: SuperNodes connect to {address}. One HTTPS port ({port}) serves the SuperNodes,",
-        "# `flwr run` and `flwr supernode register`, and whoever reaches it can start runs and register keys:",
-        "# open it only to the facilities' networks and your own machine.",
+        *exposure,
         "# "
         + (
             "SuperNodes must present a registered key (chemfl launch register)."
@@ -319,8 +438,11 @@ def run(args: argparse.Namespace) -> int:
         args.connection,
         args.connection_address,
         args.flwr_home,
+        internal_port=args.internal_port,
+        expose_control_api=args.expose_control_api,
     )
     out = shown(setup.out)
+    fleet_only = setup.exposure == "fleet-only"
     print(f"{out}/certs: CA and server certificate for {', '.join(setup.hosts)} (+ localhost, 127.0.0.1)")
     total = sum(len(names) for names in setup.supernodes.values())
     if setup.supernodes:
@@ -335,6 +457,19 @@ def run(args: argparse.Namespace) -> int:
         )
     print(f"flwr connection '{setup.connection}' -> {setup.connection_address} in {setup.flwr_home}/config.toml")
     print(f"\nThe SuperLink command (in {out}/{SCRIPT_FILE}):\n  " + shlex.join(setup.command))
+    if fleet_only:
+        print(
+            f"\nExposure fleet-only: the SuperLink listens on 127.0.0.1:{setup.internal_port} only; "
+            f"{out}/{proxy.SCRIPT_FILE} runs nginx ({out}/{proxy.CONFIG_FILE}) on {setup.bind}:{setup.port} with the "
+            "same certificate and "
+            "forwards only the Fleet API (what SuperNodes call); `flwr run`, `flwr ls` and key registration sent "
+            "there are refused (403)."
+        )
+    else:
+        print(
+            f"\nExposure direct: port {setup.port} on {setup.bind} also serves the Control API: whoever reaches it can "
+            "start runs whose code every SuperNode executes."
+        )
     print("\nCopy to each facility (destinations are the facilities file's paths, AT that facility):")
     for facility, names in (setup.supernodes or {name: [] for name in _facility_names(setup)}).items():
         print(f"  {facility}: {out}/certs/ca.crt -> {setup.root_certificates_at_facilities}")
@@ -343,9 +478,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {' ' * len(facility)}  {out}/keys/{keys} -> {setup.keys_dir_at_facilities}/ (private: chmod 600)")
     print(f"  Keep {out}/certs/ca.key and server.key on the SuperLink host only.")
     print("\nNext:")
+    started = f"{out}/{SCRIPT_FILE} and {out}/{proxy.SCRIPT_FILE}" if fleet_only else f"{out}/{SCRIPT_FILE}"
     print(
-        f"  1. on {setup.hosts[0]}: {out}/{SCRIPT_FILE}   (keep it running: tmux, nohup or a service; "
-        f"open port {setup.port} only to the facilities)"
+        f"  1. on {setup.hosts[0]}: {started}   (keep {'both' if fleet_only else 'it'} running: tmux, nohup or a "
+        f"service; open port {setup.port} only to the facilities)"
     )
     address_port = setup.address.rpartition(":")[2]
     if address_port != str(setup.port):
@@ -353,13 +489,21 @@ def run(args: argparse.Namespace) -> int:
             f"     SuperNodes connect to port {address_port} ({setup.address}): forward it to {setup.port} on that "
             f"host, or pass --port {address_port} (below 1024 needs root or CAP_NET_BIND_SERVICE)"
         )
+    here = " on the SuperLink host" if fleet_only else ""
     if setup.supernodes:
-        print(f"  2. once it runs: chemfl launch register {out}")
+        print(f"  2. once it runs{here}: chemfl launch register {out}")
     print(
         f"  {3 if setup.supernodes else 2}. chemfl launch submit {shown(setup.facilities_file)} --dry-run, "
         "then without --dry-run (add --watch to keep the jobs alive)"
     )
-    print(f"  Runs: flwr run . {setup.connection} --run-config RECIPE.toml --stream")
+    print(f"  Runs{here}: flwr run . {setup.connection} --run-config RECIPE.toml --stream")
+    if fleet_only:
+        print(
+            f"  From another machine: ssh -N -L {setup.internal_port}:127.0.0.1:{setup.internal_port} "
+            f"{setup.hosts[0]}, and there a connection '{setup.connection}' to 127.0.0.1:{setup.internal_port} "
+            "with a copy of ca.crt "
+            "(docs/run-across-facilities.md, section 3)"
+        )
     return 0
 
 
