@@ -21,7 +21,8 @@ def modules(room: str) -> list[str]:
     path = ROOT / room.replace("chemfl.", "", 1).replace(".", "/")
     if not path.is_dir():
         return [room]
-    return [room] + [info.name for info in pkgutil.walk_packages([str(path)], prefix=f"{room}.")]
+    found = pkgutil.walk_packages([str(path)], prefix=f"{room}.")
+    return [room] + [info.name for info in found if not info.name.endswith(".__main__")]  # __main__ runs
 
 
 def loaded_after_import(module: str) -> set[str]:
@@ -47,6 +48,12 @@ RULES = [
     ("chemfl.server_app", ("chemfl.launcher",), "nothing on the server side imports the launcher"),
     ("chemfl.emulation", ("chemfl.launcher",), "the emulator replays launch logs through chemfl.hpc"),
     ("chemfl.client_app", ("chemfl.launcher",), "the ClientApp reads walltime through chemfl.hpc"),
+    ("chemfl.client_app.app", ("torch", "transformers"), "Flower starts the ClientApp per message: keep it light"),
+    ("chemfl.client_app.relay", ("torch", "transformers"), "the relay to the facility trainer stays light"),
+    ("chemfl.trainer.channel", ("torch", "flwr"), "the trainer's channel is numpy and sockets"),
+    ("chemfl.trainer.ranks", ("torch", "flwr"), "rank discovery reads the environment only"),
+    ("chemfl.trainer", ("chemfl.launcher", "chemfl.server_app"), "the trainer needs neither launcher nor server"),
+    ("chemfl.checks", ("chemfl.launcher",), "run checks are server-side"),
 ]
 
 
@@ -59,6 +66,6 @@ def test_module_loads_nothing_its_room_forbids(module, forbidden, why):
 
 
 def test_the_check_itself_sees_a_forbidden_import():
-    # The ClientApp trains, so it loads torch and Flower: the same check must notice them.
-    loaded = loaded_after_import("chemfl.client_app.app")
+    # The ClientApp's local path trains, so it loads torch and Flower: the same check must notice them.
+    loaded = loaded_after_import("chemfl.client_app.local")
     assert offenders(loaded, ("torch",)) and offenders(loaded, ("flwr",))

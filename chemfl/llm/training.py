@@ -1,4 +1,5 @@
-"""Local training: completion-only loss on chat-formatted records, a fixed number of optimizer steps.
+"""Local training: completion-only loss on chat-formatted records, a fixed number of optimizer steps,
+in one process or data parallel across the ranks of a process group (the facility trainer).
 
 accelerate handles mixed precision (bf16 autocast on GPUs, fp32 on CPU) and the backward pass;
 the model is already on its device, so the loop stays a plain, readable PyTorch loop.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,8 @@ class TrainSpec:
                 raise ChemFLError(f"{key} = {value} must be positive")
         if not spec.lr > 0:
             raise ChemFLError(f"train.lr = {spec.lr} must be positive")
+        if spec.warmup_steps < 0:
+            raise ChemFLError(f"train.warmup-steps = {spec.warmup_steps} must be >= 0")
         return spec
 
 
@@ -64,7 +67,7 @@ class TrainResult:
     loss: float  # mean of the optimizer steps' losses
     steps: int
     seconds: float
-    tokens: int  # non-padding tokens through forward and backward
+    tokens: int  # non-padding tokens through forward and backward (every rank's, data parallel)
 
     @property
     def tokens_per_second(self) -> float:
@@ -128,10 +131,95 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
     return factor
 
 
+def batch_order_seed(train_seed: int, batch_order_key: int, partition_id: int) -> int:
+    """The seed of a task's batch order: different for every task (round, or asynchronous dispatch;
+    protocol.Task.batch_order_key) and facility, reproducible from the seeds."""
+    return train_seed * 1_000_003 + batch_order_key * 1_009 + partition_id
+
+
+def collective_in_one_buffer(tensors: Sequence[torch.Tensor], collective: Callable[[torch.Tensor], object]) -> None:
+    """Apply an in-place collective (all-reduce, broadcast) to `tensors` packed into one fp32 buffer,
+    then write the results back: one message instead of one per LoRA matrix (hundreds of small
+    messages are latency-bound on any interconnect). fp32 holds bf16 and fp32 values exactly."""
+    if not tensors:
+        return
+    with torch.no_grad():
+        buffer = torch.cat([tensor.detach().reshape(-1).to(torch.float32) for tensor in tensors])
+        collective(buffer)
+        offset = 0
+        for tensor in tensors:
+            tensor.copy_(buffer[offset : offset + tensor.numel()].view_as(tensor))
+            offset += tensor.numel()
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """This process's place in a data-parallel group: rank `rank` of `world_size`, training one
+    model on disjoint examples with DDP's semantics (gradients all-reduced every step, every rank
+    applies the same update).
+
+    Examples: every rank draws the same seeded stream; each micro-step takes the next
+    batch_size x world_size examples (the global micro-batch) and rank r trains on its block
+    [r * batch_size, (r + 1) * batch_size). A step of W ranks with batch b therefore sees exactly the
+    examples of one process with batch W * b, which is what makes the two equal.
+    """
+
+    rank: int
+    world_size: int
+    group: object | None = None  # a torch.distributed ProcessGroup; None: the default group
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ChemFLError(f"rank {self.rank} is not in a world of {self.world_size}")
+
+    def sum_(self, tensor: torch.Tensor) -> None:
+        """Replace `tensor` by its sum over the ranks (in place)."""
+        if self.world_size > 1:
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM, group=self.group)
+
+    def sum_gradients(self, parameters: Sequence[torch.Tensor]) -> None:
+        """Every parameter's gradient summed over the ranks, in one all-reduce."""
+        for parameter in parameters:
+            if parameter.grad is None:  # every rank must send the same buffer layout
+                parameter.grad = torch.zeros_like(parameter)
+        if self.world_size > 1:
+            collective_in_one_buffer([p.grad for p in parameters], self.sum_)
+
+    def own_block(self, global_batch: list[dict]) -> list[dict]:
+        """This rank's contiguous block of a global micro-batch of batch_size x world_size examples."""
+        size = len(global_batch) // self.world_size
+        return global_batch[self.rank * size : (self.rank + 1) * size]
+
+
+def answer_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """The tokens `answer_token_loss` counts: learned labels after the first position."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
 def train_local(
-    model, examples: Sequence[dict | None], spec: TrainSpec, pad_id: int, seed: int, accelerator
+    model,
+    examples: Sequence[dict | None],
+    spec: TrainSpec,
+    pad_id: int,
+    seed: int,
+    accelerator,
+    data_parallel: DataParallel | None = None,
 ) -> TrainResult:
-    """`spec.local_steps` optimizer steps of AdamW over the trainable (LoRA) parameters."""
+    """`spec.local_steps` optimizer steps of AdamW over the trainable (LoRA) parameters.
+
+    Alone (`data_parallel` None), each micro-batch's loss is its mean over its answer tokens divided
+    by grad_accum (the ClientApp's rule, unchanged).
+
+    Data parallel, each rank trains on its block of every global micro-batch (see DataParallel) and
+    divides its micro-batches' summed cross-entropy by the answer tokens of the whole optimizer step,
+    counted over every rank and micro-batch (all-reduced before any backward). The gradients summed
+    over the ranks are then exactly those of one process taking the token mean of the step's
+    examples, whatever the world size; the norm is clipped after that sum, so every rank applies the
+    same update and the replicas stay equal. With grad_accum = 1 the two rules give the same number;
+    with grad_accum > 1 the data-parallel one weighs micro-batches by their answer tokens instead of
+    equally. The reported loss is the mean over steps of the step loss summed over ranks; tokens are
+    every rank's. Dropout masks are drawn per rank, as in DDP.
+    """
     if not len(examples):
         raise ChemFLError("this node has no training examples")
     device = next(model.parameters()).device
@@ -141,23 +229,39 @@ def train_local(
         optimizer, lr_lambda(spec.lr_schedule, spec.warmup_steps, spec.local_steps)
     )
     stream = example_stream(examples, seed)
+    world = data_parallel.world_size if data_parallel is not None else 1
     model.train()
     losses, tokens = [], 0
     started = time.perf_counter()
     for _ in range(spec.local_steps):
-        step_loss = 0.0
+        micro_batches = []
         for _ in range(spec.grad_accum):
-            picked = [next(stream) for _ in range(spec.batch_size)]
-            batch = {k: v.to(device) for k, v in collate(picked, pad_id).items()}
+            picked = [next(stream) for _ in range(spec.batch_size * world)]
+            picked = data_parallel.own_block(picked) if data_parallel is not None else picked
+            micro_batches.append({k: v.to(device) for k, v in collate(picked, pad_id).items()})
+        if data_parallel is not None:
+            step_tokens = torch.tensor(float(sum(answer_tokens(batch) for batch in micro_batches)), device=device)
+            data_parallel.sum_(step_tokens)
+        step_loss = 0.0
+        for batch in micro_batches:
             with accelerator.autocast():
                 loss_sum, count = answer_token_loss(model, batch)
-                loss = loss_sum / max(count, 1) / spec.grad_accum
+                if data_parallel is not None:
+                    loss = loss_sum / step_tokens.clamp(min=1)
+                else:
+                    loss = loss_sum / max(count, 1) / spec.grad_accum
             accelerator.backward(loss)
             step_loss += loss.item()
             tokens += int(batch["attention_mask"].sum())
+        if data_parallel is not None:
+            data_parallel.sum_gradients(trainable)
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(step_loss)
+    if data_parallel is not None:
+        totals = torch.tensor([*losses, float(tokens)], dtype=torch.float64, device=device)
+        data_parallel.sum_(totals)
+        losses, tokens = totals[:-1].tolist(), int(totals[-1].item())
     return TrainResult(sum(losses) / len(losses), spec.local_steps, time.perf_counter() - started, tokens)
