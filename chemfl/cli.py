@@ -1,5 +1,5 @@
 """The `chemfl` command: `chemfl data build|verify|baselines`, `chemfl simulate`, `chemfl eval`,
-`chemfl report`, `chemfl launch`."""
+`chemfl report`, `chemfl launch`, `chemfl trainer`."""
 
 from __future__ import annotations
 
@@ -17,18 +17,20 @@ from chemfl.data_prep import cli as data_cli
 from chemfl.errors import ChemFLError
 from chemfl.launcher import cli as launch_cli
 from chemfl.report import cli as report_cli
+from chemfl.trainer import cli as trainer_cli
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="chemfl", description="Federated LoRA fine-tuning of chemistry LLMs across supercomputers."
     )
-    verbs = parser.add_subparsers(dest="room", required=True, metavar="{data,simulate,eval,report,launch}")
+    verbs = parser.add_subparsers(dest="room", required=True, metavar="{data,simulate,eval,report,launch,trainer}")
     data_cli.register(verbs)
     register_simulate(verbs)
     register_eval(verbs)
     report_cli.register(verbs)
     launch_cli.register(verbs)
+    trainer_cli.register(verbs)
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
@@ -72,6 +74,7 @@ def register_simulate(verbs: argparse._SubParsersAction) -> None:
 
 
 def run_simulate(args: argparse.Namespace) -> int:
+    from chemfl.checks import check_recipe
     from chemfl.simulation import parse_overrides, simulate
 
     if not args.recipe.is_file():
@@ -79,7 +82,8 @@ def run_simulate(args: argparse.Namespace) -> int:
     if not (args.app / "pyproject.toml").is_file():
         raise ChemFLError(f"{args.app} is not a Flower App folder (no pyproject.toml); pass --app")
     overrides = parse_overrides(args.overrides)
-    return simulate(
+    check_recipe(args.recipe, overrides)
+    result = simulate(
         args.recipe,
         args.app,
         Path.cwd(),
@@ -87,7 +91,10 @@ def run_simulate(args: argparse.Namespace) -> int:
         args.cpus_per_client,
         args.clients_at_once,
         overrides=overrides,
-    ).returncode
+    )
+    if result.returncode != 0:
+        print(f"chemfl: error: the run did not complete ({result.status}) {result.details}".rstrip(), file=sys.stderr)
+    return result.returncode
 
 
 def register_eval(verbs: argparse._SubParsersAction) -> None:

@@ -1,7 +1,8 @@
 """`chemfl data build`: source -> records -> leakage-free splits -> facility partitions -> files.
 
 Output folder:
-  manifest.json                      source, seed, scheme, counts, sha256 of every file
+  manifest.json                      source, seed, scheme, counts, leakage drops, validation carved
+                                     from train (if any), sha256 of every file
   test.parquet, validation.parquet   held out; the server evaluates on test
   partitions/<facility>/             what one facility receives
       train.parquet, validation.parquet, shard.json (its counts and sha256s)
@@ -189,7 +190,9 @@ def build_dataset(spec: BuildSpec, out_dir: Path, force: bool = False, step: Ste
     source_info["inputs"] = inputs
     tasks = spec.tasks or tuple(sorted({record["task"] for record in records}))
     _check_tasks(spec, records, tasks)
-    records, leakage_dropped = split_records(records, spec.test_fraction, spec.validation_fraction, spec.seed)
+    records, leakage_dropped, carved = split_records(
+        records, spec.test_fraction, spec.validation_fraction, spec.seed, assigned_by_source=spec.source == "offline"
+    )
     by_split = {split: [r for r in records if r["split"] == split] for split in ("train", "validation", "test")}
     # Train and validation are partitioned together, so each facility's validation set follows
     # its own task mix (dirichlet, by-task) rather than the global one.
@@ -201,7 +204,8 @@ def build_dataset(spec: BuildSpec, out_dir: Path, force: bool = False, step: Ste
 
     staging = files.staging_dir(out_dir)
     try:
-        manifest = _write(staging, spec, build_id, tasks, source_info, by_split, pool, parts, leakage_dropped, step)
+        splitting = {"leakage_dropped": dict(sorted(leakage_dropped.items())), "validation_carved_from_train": carved}
+        manifest = _write(staging, spec, build_id, tasks, source_info, by_split, pool, parts, splitting, step)
         files.replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -236,7 +240,7 @@ def count_tasks(records: list[dict]) -> dict[str, int]:
     return dict(sorted(Counter(record["task"] for record in records).items()))
 
 
-def _write(staging, spec, build_id, tasks, source_info, by_split, pool, parts, leakage_dropped, step) -> dict:
+def _write(staging, spec, build_id, tasks, source_info, by_split, pool, parts, splitting, step) -> dict:
     advance = step("writing files", 2 + len(parts))
     files: dict[str, str] = {}
     for split in ("test", "validation"):
@@ -276,7 +280,9 @@ def _write(staging, spec, build_id, tasks, source_info, by_split, pool, parts, l
             "test": count_tasks(by_split["test"]),
             "partitions": partitions,
         },
-        "leakage_dropped": dict(sorted(leakage_dropped.items())),
+        # leakage_dropped: records dropped per split for sharing a molecule with a more held-out split;
+        # validation_carved_from_train: null, or what was carved when the source gave no validation.
+        **splitting,
         "files": files,
         "versions": {name: version(name) for name in ("rdkit", "chemicals", "pyarrow", "flwr-datasets")}
         | {"chemfl": __version__},
@@ -289,7 +295,7 @@ def verify_build(folder: Path) -> list[str]:
     """Problems with a build folder or a single facility shard (empty list: it matches its manifest)."""
     folder = Path(folder)
     if (folder / store.MANIFEST).is_file():
-        return store.check_files(folder, files.read_json(folder / store.MANIFEST)["files"])
+        return store.manifest_problems(folder, store.MANIFEST)
     if (folder / store.SHARD_MANIFEST).is_file():
-        return store.check_files(folder, files.read_json(folder / store.SHARD_MANIFEST)["files"])
+        return store.manifest_problems(folder, store.SHARD_MANIFEST)
     return [f"{folder} has neither {store.MANIFEST} (a build) nor {store.SHARD_MANIFEST} (a facility shard)"]

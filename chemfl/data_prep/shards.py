@@ -34,8 +34,11 @@ def shard_dir_for(data_path: str, node_config: dict) -> Path:
     manifest_path = Path(data_path) / store.MANIFEST
     if not manifest_path.is_file():
         raise ChemFLError(f"no dataset at data.path = {data_path}; run: chemfl data build --run-config <recipe>")
-    manifest = files.read_json(manifest_path)
-    facilities = manifest["facilities"]
+    rebuild = f"remove {data_path} and build it again: chemfl data build --run-config <recipe>"
+    manifest = store.read_manifest(manifest_path, rebuild)
+    facilities = manifest.get("facilities")
+    if not isinstance(facilities, list) or not facilities or not all(isinstance(f, str) for f in facilities):
+        raise ChemFLError(f"{manifest_path} is damaged (no facility list); {rebuild}")
     partition_id, num_partitions = (
         int(node_config["partition-id"]),
         int(node_config.get("num-partitions", len(facilities))),
@@ -44,6 +47,11 @@ def shard_dir_for(data_path: str, node_config: dict) -> Path:
         raise ChemFLError(
             f"the simulation runs {num_partitions} SuperNodes but the dataset at {data_path} has "
             f"{len(facilities)} facilities ({', '.join(facilities)}); set num-supernodes = {len(facilities)}"
+        )
+    if not 0 <= partition_id < len(facilities):
+        raise ChemFLError(
+            f"partition-id = {partition_id}, but the dataset at {data_path} has {len(facilities)} facilities "
+            f"(partition ids 0-{len(facilities) - 1})"
         )
     return Path(data_path) / "partitions" / facilities[partition_id]
 
@@ -60,10 +68,19 @@ def load_shard(folder: Path) -> Shard:
         raise ChemFLError(
             f"shard {folder} does not match its manifest ({'; '.join(problems)}); copy it again from the build"
         )
-    manifest = files.read_json(folder / store.SHARD_MANIFEST)
+    manifest = store.read_manifest(folder / store.SHARD_MANIFEST, "copy the shard again from the build")
+    fields = {"facility": str, "partition_id": int, "build_id": str}
+    wrong = [key for key, kind in fields.items() if not isinstance(manifest.get(key), kind)]
+    listed = manifest.get("files", {})
+    wrong += [name for name in ("train.parquet", "validation.parquet") if name not in listed]
+    if wrong:
+        raise ChemFLError(
+            f"{folder / store.SHARD_MANIFEST} is damaged (no valid {', '.join(wrong)}); "
+            "copy the shard again from the build"
+        )
     return Shard(
         manifest["facility"],
-        int(manifest["partition_id"]),
+        manifest["partition_id"],
         manifest["build_id"],
         store.read_records(folder / "train.parquet"),
         store.read_records(folder / "validation.parquet"),

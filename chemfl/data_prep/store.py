@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 
 from chemfl.data_prep.schema import ARROW_SCHEMA, FIELDS
 from chemfl.errors import ChemFLError
-from chemfl.files import file_sha256, read_json
+from chemfl.files import file_sha256
 
 MANIFEST = "manifest.json"
 FORMAT = "chemfl-data/1"  # manifest format tag
@@ -34,6 +34,37 @@ def write_json(path: Path, data: dict) -> str:
     return file_sha256(path)
 
 
+def _json_object(path: Path) -> dict:
+    """The JSON object in `path`; ValueError(why) when it is unreadable or not an object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"not readable JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return data
+
+
+def read_manifest(path: Path, fix: str) -> dict:
+    """A manifest.json or shard.json; a damaged one is a ChemFLError naming it and `fix`."""
+    try:
+        return _json_object(path)
+    except ValueError as error:
+        raise ChemFLError(f"{path} is damaged ({error}); {fix}") from None
+
+
+def manifest_problems(folder: Path, name: str) -> list[str]:
+    """Problems with `folder` measured against its manifest `name` (manifest.json or shard.json)."""
+    try:
+        manifest = _json_object(Path(folder) / name)
+    except ValueError as error:
+        return [f"{name}: damaged ({error})"]
+    expected = manifest.get("files")
+    if not isinstance(expected, dict) or not all(isinstance(v, str) for v in expected.values()):
+        return [f"{name}: damaged (no file list)"]
+    return check_files(Path(folder), expected)
+
+
 def check_files(folder: Path, expected: dict[str, str]) -> list[str]:
     """Problems found comparing `folder`'s files with their expected sha256 (empty: all good)."""
     problems = []
@@ -55,8 +86,10 @@ def existing_build_id(target: Path) -> str | None:
         raise ChemFLError(
             f"{target} exists and is not a ChemFL data build (no {MANIFEST}); choose another output folder or remove it"
         )
-    data = read_json(manifest)
-    if data.get("format") != FORMAT or "build_id" not in data:
+    data = read_manifest(
+        manifest, f"this is no build to reuse or replace: remove {target}, or choose another output folder"
+    )
+    if data.get("format") != FORMAT or not isinstance(data.get("build_id"), str):
         raise ChemFLError(
             f"{target} holds a {MANIFEST} that is not a ChemFL data manifest; choose another output folder or remove it"
         )

@@ -90,6 +90,8 @@ class CampaignSpec:
                 "emulation.queue-sigma must be >= 0, emulation.spike-probability in [0, 1] and "
                 "emulation.spike-factor >= 1"
             )
+        if spec.seed < 0:
+            raise ChemFLError(f"emulation.seed = {spec.seed} must be >= 0")
         if spec.task_overhead_seconds < 0 or spec.transfer_mb_per_second <= 0:
             raise ChemFLError("emulation.task-overhead-seconds must be >= 0 and emulation.transfer-mb-per-second > 0")
         return spec

@@ -12,6 +12,7 @@ import torch
 from chemfl.config import Scalar
 from chemfl.data_prep.formatting import render_prompt, tokenize_examples
 from chemfl.data_prep.metrics import score
+from chemfl.errors import ChemFLError
 from chemfl.llm.training import answer_token_loss, collate
 
 
@@ -24,12 +25,21 @@ class EvalSpec:
 
     @classmethod
     def from_config(cls, config: dict[str, Scalar], prefix: str = "eval") -> EvalSpec:
-        return cls(
+        spec = cls(
             int(config[f"{prefix}.loss-per-task"]),
             int(config[f"{prefix}.generate-per-task"]),
             int(config[f"{prefix}.max-new-tokens"]),
             int(config[f"{prefix}.batch-size"]),
         )
+        for key, value, least in (
+            ("loss-per-task", spec.loss_per_task, 0),
+            ("generate-per-task", spec.generate_per_task, 0),
+            ("max-new-tokens", spec.max_new_tokens, 1),
+            ("batch-size", spec.batch_size, 1),
+        ):
+            if value < least:
+                raise ChemFLError(f"{prefix}.{key} = {value} must be >= {least}")
+        return spec
 
 
 def per_task_head(records: Sequence[dict], per_task: int) -> list[dict]:

@@ -34,13 +34,11 @@ def attach_lora(model, spec: LoraSpec, quantized: bool):
         target_modules=spec.target_modules if spec.target_modules == "all-linear" else list(spec.target_modules),
         task_type="CAUSAL_LM",
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
-        try:
-            peft_model = get_peft_model(model, config)
-        except ValueError as error:
-            if "not found" not in str(error).lower() and "target modules" not in str(error).lower():
-                raise
+    if spec.target_modules != "all-linear":
+        # peft accepts a list as long as one name matches; every name must, or a typo trains less.
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        missing = [name for name in spec.target_modules if name not in present]
+        if missing:
             linear = sorted(
                 {
                     name.rsplit(".", 1)[-1]
@@ -49,9 +47,12 @@ def attach_lora(model, spec: LoraSpec, quantized: bool):
                 }
             )
             raise ChemFLError(
-                f"lora.target-modules {spec.target_modules!r} are not in this model; its linear "
-                f'layers are {linear} (or use "all-linear")'
-            ) from error
+                f"lora.target-modules {', '.join(missing)} not in this model; its linear layers are "
+                f'{linear} (or use "all-linear")'
+            )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        peft_model = get_peft_model(model, config)
     if spec.freeze_a:
         for name, parameter in peft_model.named_parameters():
             if ".lora_A." in name:

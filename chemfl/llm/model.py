@@ -62,6 +62,14 @@ class LoraSpec:
         targets = str(config["lora.target-modules"])
         if int(config["lora.r"]) <= 0:
             raise ChemFLError(f"lora.r = {config['lora.r']} must be a positive rank")
+        if int(config["lora.alpha"]) <= 0:
+            raise ChemFLError(
+                f"lora.alpha = {config['lora.alpha']} must be positive (the adapter's scale is alpha / r)"
+            )
+        if not 0.0 <= float(config["lora.dropout"]) < 1.0:
+            raise ChemFLError(f"lora.dropout = {config['lora.dropout']} must be in [0, 1)")
+        if not split_list(targets):
+            raise ChemFLError('lora.target-modules is empty; name modules ("q_proj,v_proj") or use "all-linear"')
         return cls(
             r=int(config["lora.r"]),
             alpha=int(config["lora.alpha"]),

@@ -97,6 +97,10 @@ class ServerOptimizer:
             raise ValueError(f"unknown server optimizer {self.name!r}; use one of {', '.join(SERVER_OPTIMIZERS)}")
         if not self.lr > 0:
             raise ValueError(f"server learning rate {self.lr} must be > 0")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(
+                f"strategy.server-beta1 ({self.beta1}) and strategy.server-beta2 ({self.beta2}) must be in [0, 1)"
+            )
 
     def apply(self, params: Params, gradient: Params, state: ServerOptimizerState) -> dict[str, np.ndarray]:
         state.step += 1

@@ -5,30 +5,28 @@ centralized evaluation, write outputs/<run-name>/."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from functools import partial
 from logging import INFO
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from chemfl import protocol
-from chemfl.config import resolve, split_list
+from chemfl.checks import SERVER, check_run_config
+from chemfl.config import resolve
 from chemfl.data_prep import store
-from chemfl.data_prep.build import BuildSpec, build_dataset
-from chemfl.emulation import parse_slowdown
+from chemfl.data_prep.build import build_dataset
 from chemfl.emulation.campaign import CampaignSpec
 from chemfl.emulation.grid import EmulatedGrid, discover_facilities
 from chemfl.errors import ChemFLError
 from chemfl.llm.adapter_init import adapter_skeleton
-from chemfl.llm.evaluation import EvalSpec
 from chemfl.llm.lora import exchanged_state, frozen_a_digest
-from chemfl.llm.model import LoraSpec, ModelSpec
 from chemfl.llm.session import get_session
-from chemfl.llm.training import TrainSpec
 from chemfl.protocol import RunLine, Task
-from chemfl.server_app.checkpoint import Checkpointer
+from chemfl.server_app.checkpoint import AsyncState, Checkpointer, checkpoint_misfit_message, read_run_config
 from chemfl.server_app.evaluation import CentralEvaluator, LocalEvaluation, before_after_table
 from chemfl.server_app.facility_evaluation import FacilityEvaluation
 from chemfl.server_app.grid import PromptGrid
@@ -39,19 +37,55 @@ from chemfl.server_app.strategy_spec import StrategySpec
 app = ServerApp()
 
 
-SERVER = "server"
+@dataclass
+class ResumePoint:
+    """A run folder to continue (`resume`): its checkpoint, loaded into the strategy's rule, and the
+    config it was started with (read before this run writes its own config.json there)."""
+
+    folder: Path
+    checkpointer: Checkpointer
+    state: AsyncState
+    saved_config: dict | None
+
+    @classmethod
+    def load(cls, folder: Path, strategy) -> ResumePoint:
+        if not isinstance(strategy, AsynchronousStrategy):
+            raise ChemFLError("resume is for asynchronous strategies")
+        checkpointer = Checkpointer(folder / "checkpoint")
+        return cls(folder, checkpointer, checkpointer.load(strategy.rule), read_run_config(folder))
+
+    def check_fits(self, initial: ArrayRecord, config: dict) -> None:
+        """The checkpoint's adapter has this run's tensors; else say which settings differ."""
+        saved = {name: tuple(value.shape) for name, value in self.state.params.items()}
+        expected = {name: tuple(array.shape) for name, array in initial.items()}
+        if saved != expected:
+            raise ChemFLError(
+                checkpoint_misfit_message(self.checkpointer.folder, config, saved, expected, self.saved_config)
+            )
 
 
-def check_evaluation_site(config: dict, spec: StrategySpec) -> str:
-    """`eval.at`: "server", or a facility of `data.facilities` (not under virtual time, whose
-    emulated grid times training tasks only)."""
-    site = str(config["eval.at"])
-    facilities = split_list(str(config["data.facilities"]))
-    if site != SERVER and site not in facilities:
-        raise ChemFLError(f'eval.at = {site!r}; use "server" or one of data.facilities ({", ".join(facilities)})')
-    if site != SERVER and spec.virtual_time:
-        raise ChemFLError('eval.at = <facility> is for real-time runs; emulated campaigns use eval.at = "server"')
-    return site
+def check_connected_nodes(grid: Grid, wait_seconds: float = 10.0, timeout: float = 120.0) -> None:
+    """Ask the SuperNodes connected at the start which facility they serve: one that cannot say
+    cannot train either, and would otherwise leave the run waiting forever (e.g. plain `flwr run`
+    simulating fewer SuperNodes than the recipe has facilities). Deployment runs usually start
+    before any batch job does; with no node connected within `wait_seconds` nothing is asked."""
+    deadline = time.monotonic() + wait_seconds
+    nodes = list(grid.get_node_ids())
+    while not nodes and time.monotonic() < deadline:
+        time.sleep(0.5)
+        nodes = list(grid.get_node_ids())
+    if not nodes:
+        return
+    queries = [Message(RecordDict(), dst_node_id=node, message_type=protocol.QUERY) for node in nodes]
+    for reply in PromptGrid(grid).send_and_receive(queries, timeout=timeout):
+        if reply.has_error():
+            raise ChemFLError(
+                f"SuperNode {reply.metadata.src_node_id} cannot serve this run: {reply.error.reason.strip()}. "
+                "In simulation run `chemfl simulate RECIPE` (one SuperNode per facility), or set "
+                "options.num-supernodes to the number of data.facilities under [superlink.local] in "
+                "$FLWR_HOME/config.toml (default ~/.flwr/config.toml) and run flwr run again; in "
+                "deployment fix that facility's node config (data-path)"
+            )
 
 
 def campaign_hooks(grid: Grid, campaign: CampaignSpec, spec: StrategySpec, outputs: RunOutputs) -> tuple:
@@ -83,30 +117,16 @@ def campaign_hooks(grid: Grid, campaign: CampaignSpec, spec: StrategySpec, outpu
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = resolve(context.run_config)
-    # Every knob is checked before any work starts.
-    build_spec = BuildSpec.from_config(config)
-    for spec_type in (ModelSpec, LoraSpec, TrainSpec):
-        spec_type.from_config(config)
-    eval_spec = EvalSpec.from_config(config)
-    parse_slowdown(str(config["emulation.slowdown"]))
-    spec = StrategySpec.from_config(config)
-    campaign = (
-        CampaignSpec.from_config(config, tuple(split_list(str(config["data.facilities"]))))
-        if spec.virtual_time
-        else None
-    )
-    evaluation_site = check_evaluation_site(config, spec)
+    specs = check_run_config(config)  # every knob, before any work starts
+    spec, campaign, evaluation_site = specs.strategy, specs.campaign, specs.evaluation_site
     rounds: dict[int, dict] = {}
     strategy = make_strategy(spec, lambda server_round, info: rounds.__setitem__(server_round, info))
     resume = str(config["resume"])
-    if resume and (not spec.asynchronous or spec.virtual_time):
-        raise ChemFLError(
-            "resume is for asynchronous runs in real time (strategy.name = fedbuff, fedasync or "
-            "walltime-aware, emulation.virtual-time = false); rerun an emulated campaign instead"
-        )
+    # A damaged checkpoint is an error now, before the data build and the model load.
+    resumed = ResumePoint.load(Path(resume), strategy) if resume else None
 
     data_path = Path(str(config["data.path"]))
-    built = build_dataset(build_spec, data_path)
+    built = build_dataset(specs.build, data_path)
     log(INFO, "data: %s build %s (%s)", data_path, built.manifest["build_id"], "reused" if built.reused else "built")
     test_records = store.read_records(data_path / "test.parquet")
 
@@ -114,16 +134,18 @@ def main(grid: Grid, context: Context) -> None:
         Path(str(config["outputs.dir"])), str(config["run-name"]), resume=Path(resume) if resume else None
     )
     outputs.write_json("config.json", config)
-    lora_spec = LoraSpec.from_config(config)
+    lora_spec = specs.lora
     facility_evaluation = None
     if evaluation_site == SERVER:
         session = get_session(config)
         adapter_model = session.model
-        run_evaluation = LocalEvaluation(session, test_records, eval_spec, config)
+        run_evaluation = LocalEvaluation(session, test_records, specs.eval, config)
     else:  # nothing here needs the base weights: a weightless skeleton holds the adapter
-        adapter_model = adapter_skeleton(ModelSpec.from_config(config), lora_spec)
+        adapter_model = adapter_skeleton(specs.model, lora_spec)
         log(INFO, "eval.at = %s: base model not loaded (the adapter is built from its config)", evaluation_site)
     initial = ArrayRecord(exchanged_state(adapter_model, lora_spec))
+    if resumed is not None:
+        resumed.check_fits(initial, config)
     digest = frozen_a_digest(adapter_model) if lora_spec.freeze_a else None
     train_config = ConfigRecord(Task(lora_a_digest=digest).to_config())  # strategies add round and task
     if evaluation_site != SERVER:
@@ -141,10 +163,12 @@ def main(grid: Grid, context: Context) -> None:
         len(test_records),
         initial.count_bytes() / 1e6,
     )
+    if campaign is None:
+        check_connected_nodes(grid)
     started = time.perf_counter()
     if isinstance(strategy, AsynchronousStrategy):
         run_asynchronous(
-            grid, strategy, spec, campaign, initial, train_config, evaluator, outputs, resume, facility_evaluation
+            grid, strategy, spec, campaign, initial, train_config, evaluator, outputs, resumed, facility_evaluation
         )
     else:
         strategy.start(
@@ -169,7 +193,7 @@ def run_asynchronous(
     train_config: ConfigRecord,
     evaluator: CentralEvaluator,
     outputs: RunOutputs,
-    resume: str,
+    resumed: ResumePoint | None,
     facility_evaluation: FacilityEvaluation | None,
 ) -> None:
     """The asynchronous strategy's `start`, with checkpoints and resume in real time, or on the
@@ -179,16 +203,13 @@ def run_asynchronous(
         emulated, hooks = campaign_hooks(grid, campaign, spec, outputs)
         grid = emulated
     else:
-        checkpointer = Checkpointer(outputs.dir / "checkpoint")
+        checkpointer = resumed.checkpointer if resumed else Checkpointer(outputs.dir / "checkpoint")
         hooks = RunHooks(
             record=outputs.append_metrics, checkpointer=checkpointer, deferred_evaluation=facility_evaluation
         )
-        if resume:
-            hooks.resume_state = checkpointer.load(strategy.rule)
-            expected = {name: tuple(array.shape) for name, array in initial.items()}
-            if {k: v.shape for k, v in hooks.resume_state.params.items()} != expected:
-                raise ChemFLError(f"the checkpoint in {resume} does not fit this model and LoRA configuration")
-            log(INFO, "resuming %s at version %d", resume, hooks.resume_state.version)
+        if resumed is not None:
+            hooks.resume_state = resumed.state
+            log(INFO, "resuming %s at version %d", resumed.folder, resumed.state.version)
     strategy.start(
         grid=grid,
         initial_arrays=initial,

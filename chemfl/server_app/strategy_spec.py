@@ -119,6 +119,23 @@ class StrategySpec:
             raise ValueError(f"strategy.num-versions = {self.num_versions} must be >= 1")
         if self.message_ttl <= 0:
             raise ValueError(f"strategy.message-ttl = {self.message_ttl} must be > 0 seconds")
+        if self.num_rounds < 1:
+            raise ValueError(f"strategy.num-rounds = {self.num_rounds} must be >= 1")
+        if not 0 < self.fraction_train <= 1 or not 0 <= self.fraction_evaluate <= 1:
+            raise ValueError(
+                f"strategy.fraction-train = {self.fraction_train} must be in (0, 1] and strategy.fraction-evaluate "
+                f"= {self.fraction_evaluate} in [0, 1]"
+            )
+        if self.min_nodes < 1:
+            raise ValueError(f"strategy.min-nodes = {self.min_nodes} must be >= 1")
+        for key, value in (
+            ("strategy.round-timeout", self.round_timeout),
+            ("strategy.max-seconds", self.max_seconds),
+            ("strategy.max-update-norm", self.max_update_norm),
+            ("strategy.target-loss", self.target_loss),
+        ):
+            if value < 0 or (key == "strategy.round-timeout" and value == 0):
+                raise ValueError(f"{key} = {value} must be {'> 0' if key == 'strategy.round-timeout' else '>= 0'}")
         if self.eval_every < 0:
             raise ValueError(f"eval.every = {self.eval_every} must be >= 0 (0: first and last only)")
         if self.lora_aggregation not in LORA_AGGREGATIONS:

@@ -156,6 +156,39 @@ def test_verify_fails_on_a_tampered_shard(build_copy):
     assert verify_build(build_copy) == ["partitions/frontier/train.parquet: sha256 differs from the manifest"]
 
 
+def test_damaged_manifests_are_problems_and_chemfl_errors(build_copy):
+    from chemfl.data_prep.shards import load_shard, shard_dir_for
+
+    shard = build_copy / "partitions" / "aurora"
+    (shard / "shard.json").write_text('{"files": ')
+    [problem] = verify_build(shard)
+    assert problem.startswith("shard.json: damaged (not readable JSON")
+    with pytest.raises(ChemFLError, match=r"does not match its manifest \(shard.json: damaged"):
+        load_shard(shard)
+    (shard / "shard.json").write_text(json.dumps({"files": {}}))
+    with pytest.raises(ChemFLError, match=r"shard.json is damaged \(no valid facility, partition_id, build_id, train"):
+        load_shard(shard)
+    (build_copy / "manifest.json").write_text(json.dumps({"format": FORMAT, "build_id": "x", "files": "all"}))
+    assert verify_build(build_copy) == ["manifest.json: damaged (no file list)"]
+    with pytest.raises(ChemFLError, match="manifest.json is damaged \\(no facility list\\); remove"):
+        shard_dir_for(str(build_copy), {"partition-id": 0})
+    (build_copy / "manifest.json").write_text("[]")
+    before = snapshot(build_copy)
+    with pytest.raises(ChemFLError, match=r"manifest.json is damaged \(not a JSON object\); this is no build"):
+        build_dataset(spec_of(), build_copy, force=True)
+    with pytest.raises(ChemFLError, match=r"manifest.json is damaged \(not a JSON object\); remove"):
+        shard_dir_for(str(build_copy), {"partition-id": 0})
+    assert snapshot(build_copy) == before
+
+
+def test_a_partition_id_past_the_facilities_is_an_error(small_build):
+    from chemfl.data_prep.shards import shard_dir_for
+
+    assert shard_dir_for(str(small_build), {"partition-id": 3}) == small_build / "partitions" / "perlmutter"
+    with pytest.raises(ChemFLError, match="partition-id = 4, but the dataset .* has 4 facilities"):
+        shard_dir_for(str(small_build), {"partition-id": 4})
+
+
 def test_verify_of_a_folder_that_is_no_build(tmp_path):
     [problem] = verify_build(tmp_path)
     assert "neither manifest.json" in problem
@@ -401,6 +434,112 @@ def test_files_source_with_given_splits_keeps_them(tmp_path):
     assert [sum(manifest["counts"][s].values()) for s in ("train", "validation", "test")] == [24, 8, 8]
 
 
+def named_rows(split: str) -> list[dict]:
+    """Ethanol asked as S2I, I2S and S2F (SMILES written three ways): one molecule group."""
+    rows = []
+    for task, raw_input, in_tag, raw_output, out_tag in (
+        ("s2i", "CCO", "SMILES", "ethanol", "IUPAC"),
+        ("i2s", "Ethanol", "IUPAC", "OCC", "SMILES"),
+        ("s2f", "C(C)O", "SMILES", "C2H6O", "MOLFORMULA"),
+    ):
+        rows.append(
+            {
+                "input": f"Q <{in_tag}> {raw_input} </{in_tag}>",
+                "output": f"<{out_tag}> {raw_output} </{out_tag}>",
+                "raw_input": raw_input,
+                "raw_output": raw_output,
+                "task": task,
+                "input_core_tag_left": f"<{in_tag}>",
+                "input_core_tag_right": f"</{in_tag}>",
+                "output_core_tag_left": f"<{out_tag}>",
+                "output_core_tag_right": f"</{out_tag}>",
+                "split": split,
+            }
+        )
+    return rows
+
+
+def built_identities(out: Path) -> dict[str, set[str]]:
+    """Every molecule identity of each split, read back from the build's files."""
+    from chemfl.data_prep.splits import record_identities
+
+    def identities(paths) -> set[str]:
+        return {key for path in paths for record in store.read_records(path) for key in record_identities(record)}
+
+    return {
+        "test": identities([out / "test.parquet"]),
+        "validation": identities([out / "validation.parquet", *out.glob("partitions/*/validation.parquet")]),
+        "train": identities(out.glob("partitions/*/train.parquet")),
+    }
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_files_with_train_and_test_but_no_validation_carve_it_from_train(tmp_path, suffix):
+    rows = [{**row, "split": "test" if i % 5 == 0 else "train"} for i, row in enumerate(chain_rows(60))]
+    rows += named_rows("train") + named_rows("train")[:1]  # ethanol: 4 train records, one group
+    path = str(tmp_path / f"data{suffix}")
+    if suffix == ".jsonl":
+        write_jsonl(Path(path), rows)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    overrides = {"data.source": "files", "data.files": path, "data.facilities": "polaris,aurora"}
+    overrides["data.validation-fraction"] = 0.2
+    result = build_dataset(spec_of(overrides), tmp_path / "out")
+    manifest = result.manifest
+    counts = {split: sum(manifest["counts"][split].values()) for split in ("train", "validation", "test")}
+    carved = manifest["validation_carved_from_train"]
+    assert carved == {
+        "fraction": 0.2,
+        "seed": 42,
+        "records": counts["validation"],
+        "molecule_groups": carved["molecule_groups"],
+        "train_records_before": 52,
+        "train_records_after": counts["train"],
+    }
+    assert counts["test"] == 12 and counts["validation"] >= 0.2 * 52 and counts["train"] + counts["validation"] == 52
+    assert manifest["leakage_dropped"] == {}
+    assert files.read_json(tmp_path / "out" / "manifest.json")["validation_carved_from_train"] == carved
+    by_split = built_identities(tmp_path / "out")
+    assert by_split["test"] and by_split["validation"] and by_split["train"]
+    assert not by_split["test"] & by_split["train"]
+    assert not by_split["test"] & by_split["validation"]
+    assert not by_split["validation"] & by_split["train"]
+    assert verify_build(tmp_path / "out") == []
+    again = build_dataset(spec_of({**overrides, "data.seed": 7}), tmp_path / "seed7").manifest
+    assert again["validation_carved_from_train"]["seed"] == 7
+    validation = store.read_records(tmp_path / "out" / "validation.parquet")
+    assert validation != store.read_records(tmp_path / "seed7" / "validation.parquet")
+
+
+def test_a_test_molecule_in_train_never_reaches_the_carved_validation(tmp_path):
+    rows = [{**row, "split": "test" if i % 5 == 0 else "train"} for i, row in enumerate(chain_rows(40))]
+    rows += named_rows("test")[:1] + named_rows("train")  # ethanol is a test molecule: its train copies go
+    path = write_jsonl(tmp_path / "data.jsonl", rows)
+    overrides = {"data.source": "files", "data.files": path, "data.facilities": "polaris,aurora"}
+    manifest = build_dataset(spec_of(overrides, validation_fraction=0.3), tmp_path / "out").manifest
+    assert manifest["leakage_dropped"] == {"train": 3}
+    assert manifest["validation_carved_from_train"]["train_records_before"] == 32
+    by_split = built_identities(tmp_path / "out")
+    assert "name:ethanol" in by_split["test"]
+    assert "name:ethanol" not in by_split["validation"] | by_split["train"]
+    assert not by_split["validation"] & by_split["train"]
+
+
+def test_files_with_splits_but_no_test_records_are_refused(tmp_path):
+    rows = [{**row, "split": "train"} for row in chain_rows(20)]
+    path = write_jsonl(tmp_path / "data.jsonl", rows)
+    with pytest.raises(ChemFLError, match="the data carry splits but no test records"):
+        attempt_build(tmp_path, {"data.source": "files", "data.files": path})
+    assert list((tmp_path / "builds").iterdir()) == []
+
+
+def test_builds_that_need_no_carving_say_so(small_build):
+    assert files.read_json(small_build / "manifest.json")["validation_carved_from_train"] is None
+
+
 def test_editing_a_data_file_does_not_silently_reuse_the_stale_build(tmp_path):
     """The build id of a files build holds the paths but not the content: a rebuild after editing the
     data must not report the old build as this config's build."""
@@ -448,6 +587,33 @@ def test_smolinstruct_source_build_keeps_its_splits_and_drops_leaks(tmp_path):
     assert "max_molecules" not in manifest["build"] and manifest["build"]["max_per_task"] == 0
     test = store.read_records(tmp_path / "out" / "test.parquet")
     assert {r["target"] for r in test} == {None, "Hepatobiliary disorders", "Vascular disorders"}
+
+
+def test_smolinstruct_without_its_dev_split_carves_validation_from_train(tmp_path):
+    tree = write_smolinstruct_tree(tmp_path / "tree")
+    for folder in (tree / "raw" / "dev", tree / "sample" / "instruction_tuning" / "dev"):
+        for path in folder.iterdir():
+            path.unlink()
+        folder.rmdir()
+    overrides = {
+        "data.source": "smolinstruct",
+        "data.smolinstruct-path": str(tree),
+        "data.tasks": "name_conversion-s2f,property_prediction-sider,molecule_captioning",
+        "data.facilities": "polaris,aurora",
+        "data.validation-fraction": 0.3,
+    }
+    manifest = build_dataset(spec_of(overrides), tmp_path / "out").manifest
+    assert manifest["leakage_dropped"] == {"train": 1}
+    carved = manifest["validation_carved_from_train"]
+    assert carved["train_records_before"] == 10 and carved["records"] >= 3
+    assert [sum(manifest["counts"][s].values()) for s in ("train", "validation", "test")] == [
+        10 - carved["records"],
+        carved["records"],
+        6,
+    ]
+    by_split = built_identities(tmp_path / "out")
+    assert not by_split["test"] & (by_split["train"] | by_split["validation"])
+    assert not by_split["validation"] & by_split["train"]
 
 
 def test_by_task_build_sends_each_task_to_its_facility(tmp_path):

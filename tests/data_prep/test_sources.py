@@ -145,6 +145,17 @@ def test_smolinstruct_dev_is_validation(smolinstruct_tree):
     assert Counter(r["split"] for r in records) == {"train": 11, "validation": 4, "test": 6}
 
 
+@pytest.mark.parametrize("as_zip", [False, True])
+def test_smolinstruct_without_dev_gives_no_validation_records(smolinstruct_tree, tmp_path, as_zip):
+    for folder in (smolinstruct_tree / "raw" / "dev", smolinstruct_tree / "sample" / "instruction_tuning" / "dev"):
+        for path in folder.iterdir():
+            path.unlink()
+        folder.rmdir()
+    location = zip_at_top(smolinstruct_tree, tmp_path / "data.zip") if as_zip else smolinstruct_tree
+    records, _ = load_smolinstruct(str(location), SMOL_TASKS, 0)
+    assert Counter(r["split"] for r in records) == {"train": 11, "test": 6}
+
+
 @pytest.mark.parametrize("cap", [1, 2, 3])
 def test_smolinstruct_max_per_task_caps_each_task_and_split(smolinstruct_tree, cap):
     records, _ = load_smolinstruct(str(smolinstruct_tree), SMOL_TASKS, cap)
@@ -334,6 +345,43 @@ def test_files_bad_input(tmp_path):
         load_files([str(tmp_path / "object.json")], None, 0)
     with pytest.raises(ChemFLError, match="unknown split 'holdout'"):
         load_files([write(tmp_path / "b.jsonl", [file_record("s2f", "C", "CH4", "holdout")])], None, 0)
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("cut.jsonl", lambda: write_rows_text(ROWS)[:-20], r"cut.jsonl, line 8: not a JSON record"),
+        ("cut.json", lambda: json.dumps(ROWS)[:-5], r"cut.json is not valid JSON"),
+        ("ints.json", lambda: "[1, 2]", r"record 1 is int 1, not an object"),
+        ("latin.jsonl", lambda: "\xff\n".encode("latin-1"), r"latin.jsonl is not UTF-8 text"),
+        ("fake.parquet", lambda: b"PAR1 garbage", r"fake.parquet is not a readable parquet file"),
+    ],
+)
+def test_files_that_cannot_be_parsed_are_chemfl_errors(tmp_path, name, content, message):
+    data = content()
+    (tmp_path / name).write_bytes(data if isinstance(data, bytes) else data.encode())
+    with pytest.raises(ChemFLError, match=message):
+        load_files([str(tmp_path / name)], None, 0)
+
+
+def write_rows_text(rows: list[dict]) -> str:
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+@pytest.mark.parametrize(
+    "relative, message",
+    [
+        ("template/instruction_tuning/name_conversion-s2f.json", r"template/instruction_tuning/.* is damaged"),
+        ("core_tag/name_conversion-s2f.json", r"core_tag/name_conversion-s2f.json is damaged"),
+        ("sample/instruction_tuning/test/name_conversion-s2f.json", r"sample/instruction_tuning/test/.* is damaged"),
+        ("raw/test/name_conversion-s2f.jsonl", r"raw/test/name_conversion-s2f.jsonl, line 1, is damaged"),
+    ],
+)
+def test_smolinstruct_damaged_files_are_chemfl_errors(smolinstruct_tree, relative, message):
+    path = smolinstruct_tree / relative
+    path.write_text(path.read_text()[:7] + "\n")
+    with pytest.raises(ChemFLError, match=message):
+        load_smolinstruct(str(smolinstruct_tree), ["name_conversion-s2f"], 0)
 
 
 # --- offline -----------------------------------------------------------------------------------

@@ -109,8 +109,8 @@ def test_invalid_smiles_and_text_only_records_still_get_identities():
 def test_handcrafted_molecule_never_straddles_splits_for_any_seed():
     for seed in range(12):
         records = filler_records(40) + ethanol_records()
-        kept, dropped = split_records(records, 0.2, 0.2, seed)
-        assert len(kept) == len(records) and not dropped
+        kept, dropped, carved = split_records(records, 0.2, 0.2, seed)
+        assert len(kept) == len(records) and not dropped and carved is None
         assert len({r["split"] for r in kept[-5:]}) == 1, seed  # all five ethanol records together
         assert_no_identity_crosses_splits(kept)
         assert {r["split"] for r in kept} == {"train", "validation", "test"}
@@ -158,7 +158,7 @@ def test_a_molecule_asked_only_by_name_in_one_task_and_by_structure_in_another_s
     named, _ = load_offline(["name_conversion-i2s"], 60, 42, 0.1, 0.05)
     key_of_name = {r["raw_input"]: chem.inchi_key(r["raw_output"]) for r in named}
     records, _ = load_offline(["name_conversion-i2f", "property_prediction-logp"], 60, 42, 0.1, 0.05)
-    kept, _ = split_records(records, 0.1, 0.05, 42)
+    kept, _, _ = split_records(records, 0.1, 0.05, 42, assigned_by_source=True)
 
     def molecule(record):
         if record["task"] == "name_conversion-i2f":
@@ -196,9 +196,9 @@ def test_split_records_keeps_given_splits():
         make("s2f", "C" * k, "smiles", "x", "formula", split)
         for k, split in zip(range(1, 7), ["train", "train", "validation", "test", "train", "test"], strict=False)
     ]
-    kept, dropped = split_records([dict(r) for r in records], 0.5, 0.4, seed=0)
+    kept, dropped, carved = split_records([dict(r) for r in records], 0.5, 0.4, seed=0)
     assert [r["split"] for r in kept] == [r["split"] for r in records]
-    assert not dropped
+    assert not dropped and carved is None
 
 
 def test_mixed_split_and_no_split_records_are_refused():
@@ -208,13 +208,87 @@ def test_mixed_split_and_no_split_records_are_refused():
         split_records(records, 0.1, 0.1, 0)
 
 
-def test_a_split_that_comes_out_empty_is_an_error():
-    records = [make("s2f", "C" * k, "smiles", "x", "formula", "train" if k < 4 else "test") for k in range(1, 6)]
-    with pytest.raises(ChemFLError, match="validation"):
+# --- given train and test, no validation: carved out of train ------------------------------------
+
+
+def train_and_test_records() -> list[dict]:
+    """40 chains in train, ethanol asked five ways in train, and test: chains 41-50 plus propanol,
+    which a train record also names (a leak that must be dropped before carving)."""
+    train = [{**r, "split": "train"} for r in filler_records(40) + ethanol_records()]
+    test = [make("s2f", "C" * k, "smiles", f"C{k}H{2 * k + 2}", "formula", "test") for k in range(41, 51)]
+    propanol = [
+        make("s2i", "CCCO", "smiles", "propan-1-ol", "iupac", "test"),
+        make("i2f", "Propan-1-ol", "iupac", "C3H8O", "formula", "train"),  # leaks: dropped
+    ]
+    return train + test + propanol
+
+
+def test_validation_is_carved_from_train_by_whole_molecule_groups():
+    for seed in range(12):
+        records = train_and_test_records()
+        kept, dropped, carved = split_records(records, 0.1, 0.2, seed)
+        assert dropped == {"train": 1}  # the propanol copy in train
+        assert_no_identity_crosses_splits(kept)
+        counts = Counter(r["split"] for r in kept)
+        assert counts["test"] == 11  # test is never touched
+        assert counts["validation"] == carved["records"] > 0
+        assert counts["train"] == carved["train_records_after"]
+        assert carved["train_records_before"] == 45 == counts["train"] + counts["validation"]
+        assert carved["records"] >= 0.2 * 45 and carved["fraction"] == 0.2 and carved["seed"] == seed
+        ethanol_splits = {r["split"] for r in kept[40:45]}
+        assert len(ethanol_splits) == 1, seed  # the five ethanol records move together
+        assert carved["molecule_groups"] == len(molecule_groups([r for r in kept if r["split"] == "validation"]))
+
+
+def test_carving_is_seeded_by_data_seed():
+    def validation(seed: int) -> list[str]:
+        kept, _, _ = split_records(train_and_test_records(), 0.1, 0.2, seed)
+        return [r["raw_input"] for r in kept if r["split"] == "validation"]
+
+    assert validation(3) == validation(3)
+    assert validation(3) != validation(4)
+
+
+def test_carving_leaves_train_at_least_one_group():
+    records = [make("s2f", "C" * k, "smiles", "x", "formula", "train" if k < 3 else "test") for k in range(1, 6)]
+    kept, _, carved = split_records(records, 0.1, 0.9, 0)
+    assert Counter(r["split"] for r in kept) == {"test": 3, "train": 1, "validation": 1}
+    assert carved["records"] == 1 and carved["train_records_after"] == 1
+
+
+def test_too_few_train_molecules_to_carve_is_an_error():
+    records = [*ethanol_records(), *filler_records(3)]
+    for record in records[:5]:
+        record["split"] = "train"  # one molecule group in train
+    for record in records[5:]:
+        record["split"] = "test"
+    with pytest.raises(ChemFLError, match=r"no validation records, and the 5 train record\(s\) form 1 molecule group"):
         split_records(records, 0.1, 0.1, 0)
+
+
+@pytest.mark.parametrize("splits, absent", [(("train", "validation"), "test"), (("test", "validation"), "train")])
+def test_given_splits_without_train_or_test_are_an_error(splits, absent):
+    records = [make("s2f", "C" * k, "smiles", "x", "formula", splits[k % 2]) for k in range(1, 7)]
+    with pytest.raises(ChemFLError, match=f"the data carry splits but no {absent} records"):
+        split_records(records, 0.1, 0.1, 0)
+
+
+def test_a_given_split_emptied_by_leakage_names_the_drops():
+    records = [
+        make("s2f", "CCO", "smiles", "C2H6O", "formula", "train"),
+        make("s2f", "OCC", "smiles", "C2H6O", "formula", "validation"),
+        make("s2f", "C(C)O", "smiles", "C2H6O", "formula", "test"),
+    ]
+    with pytest.raises(ChemFLError, match=r"train, validation split\(s\) came out empty.*'train': 1, 'validation': 1"):
+        split_records(records, 0.1, 0.1, 0)
+
+
+def test_fractions_too_small_for_assigned_splits_name_the_fractions():
+    with pytest.raises(ChemFLError, match="came out empty; raise data.test-fraction"):
+        split_records(filler_records(2), 0.1, 0.1, 0)
 
 
 def test_records_keep_their_fields():
     records = filler_records(20)
-    kept, _ = split_records(records, 0.1, 0.1, 0)
+    kept, _, _ = split_records(records, 0.1, 0.1, 0)
     assert all(set(r) == set(FIELDS) for r in kept)

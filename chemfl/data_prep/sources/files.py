@@ -7,6 +7,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from chemfl.data_prep.schema import FIELDS, REQUIRED_FIELDS
@@ -25,15 +26,43 @@ SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 def _rows(path: Path) -> list[dict]:
-    if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as handle:
-            return [json.loads(line) for line in handle if line.strip()]
-    if path.suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data, list):
-            raise ChemFLError(f"{path}: a .json data file must hold a list of records")
-        return data
-    return pq.read_table(path).to_pylist()
+    """The records of one data file; a file that cannot be read as its suffix says is a ChemFLError."""
+    try:
+        if path.suffix == ".jsonl":
+            rows = []
+            with path.open(encoding="utf-8") as handle:
+                for number, line in enumerate(handle, 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except ValueError as error:
+                            raise ChemFLError(
+                                f"data file {path}, line {number}: not a JSON record ({error}); "
+                                "a .jsonl file holds one JSON object per line"
+                            ) from None
+        elif path.suffix == ".json":
+            try:
+                rows = json.loads(path.read_text(encoding="utf-8"))
+            except UnicodeDecodeError:
+                raise
+            except ValueError as error:
+                raise ChemFLError(f"data file {path} is not valid JSON ({error})") from None
+            if not isinstance(rows, list):
+                raise ChemFLError(f"{path}: a .json data file must hold a list of records")
+        else:
+            try:
+                rows = pq.read_table(path).to_pylist()
+            except (pa.ArrowException, OSError) as error:
+                raise ChemFLError(f"data file {path} is not a readable parquet file ({error})") from None
+    except UnicodeDecodeError as error:
+        raise ChemFLError(f"data file {path} is not UTF-8 text ({error})") from None
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise ChemFLError(
+                f"data file {path}: record {number} is {type(row).__name__} {row!r:.40}, not an object with "
+                f"the fields {', '.join(REQUIRED_FIELDS)}"
+            )
+    return rows
 
 
 def load_files(paths: Sequence[str], tasks: Sequence[str] | None, max_per_task: int) -> tuple[list[dict], dict]:

@@ -79,7 +79,10 @@ def open_tree(location: Path) -> Any:
 
 
 def load_smolinstruct(location: str, tasks: Sequence[str], max_per_task: int) -> tuple[list[dict], dict]:
-    """Records of `tasks` in all three splits; at most `max_per_task` per task and split (0: all)."""
+    """Records of `tasks` in all three splits; at most `max_per_task` per task and split (0: all).
+
+    A copy without the dev split (neither raw/dev/ nor sample/.../dev/ holds the task) gives no
+    validation records for that task; the build then carves validation out of train."""
     path = Path(location).expanduser() if location else download_from_hub()
     if not path.exists():
         raise ChemFLError(f"data.smolinstruct-path {path} does not exist")
@@ -87,8 +90,18 @@ def load_smolinstruct(location: str, tasks: Sequence[str], max_per_task: int) ->
     records: list[dict] = []
     for task in tasks:
         for folder, split in SPLIT_FOLDERS.items():
+            if folder == "dev" and not _has_split(root, task, folder):
+                continue
             records.extend(_task_split_records(root, task, folder, split, max_per_task))
     return records, {"name": "smolinstruct", "location": location or f"hub:{HUB_REPO}/{HUB_FILE}"}
+
+
+def _has_split(root: Any, task: str, folder: str) -> bool:
+    """Whether the tree holds any file of `task` in split `folder` (one of the two alone is an
+    incomplete download, reported when read)."""
+    return (root / "raw" / folder / f"{task}.jsonl").is_file() or (
+        root / "sample" / "instruction_tuning" / folder / f"{task}.json"
+    ).is_file()
 
 
 def _read_json(node: Any) -> Any:
@@ -96,6 +109,8 @@ def _read_json(node: Any) -> Any:
         return json.loads(node.read_text(encoding="utf-8"))
     except FileNotFoundError as error:
         raise ChemFLError(f"SMolInstruct data is missing {node}; is the download complete?") from error
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise ChemFLError(f"SMolInstruct data file {node} is damaged ({error}); download data.zip again") from None
 
 
 def _task_split_records(root: Any, task: str, folder: str, split: str, cap: int) -> list[dict]:
@@ -111,7 +126,13 @@ def _task_split_records(root: Any, task: str, folder: str, split: str, cap: int)
     with raw_file.open("r", encoding="utf-8") as handle:
         for index, line in enumerate(handle):
             if index in wanted:
-                raw[index] = json.loads(line)
+                try:
+                    raw[index] = json.loads(line)
+                except ValueError as error:
+                    raise ChemFLError(
+                        f"SMolInstruct data file {raw_file}, line {index + 1}, is damaged ({error}); "
+                        "download data.zip again"
+                    ) from None
     (in_left, in_right), (out_left, out_right) = core_tags["input"], core_tags["output"]
     records = []
     for sample in samples:
