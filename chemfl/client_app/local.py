@@ -14,14 +14,14 @@ from flwr.common.logger import log
 
 from chemfl.config import resolve
 from chemfl.data_prep.formatting import LazyExamples
-from chemfl.data_prep.shards import Shard, load_shard, load_test_set, shard_dir_for
+from chemfl.data_prep.shards import Shard, load_slice, load_test_set, parse_slice, shard_dir_for
 from chemfl.emulation import emulate_slowdown
 from chemfl.errors import ChemFLError
 from chemfl.hpc.walltime import remaining_walltime
 from chemfl.llm.evaluation import EvalSpec, evaluate
 from chemfl.llm.lora import exchanged_state, frozen_a_digest, load_exchanged_state
 from chemfl.llm.session import get_session
-from chemfl.llm.training import TrainSpec, train_local
+from chemfl.llm.training import TrainSpec, batch_order_seed, train_local
 from chemfl.protocol import (
     ARRAYS,
     CONFIG,
@@ -38,27 +38,10 @@ from chemfl.protocol import (
 )
 
 
-def parse_slice(setting: str) -> tuple[int, int]:
-    """Node config `data-slice = "i/n"`: this SuperNode trains on records i, i+n, i+2n, ... of its
-    facility's shard, so n SuperNodes of one facility never train on the same examples."""
-    index, _, count = str(setting).partition("/")
-    try:
-        i, n = int(index), int(count)
-    except ValueError:
-        i, n = -1, 0
-    if not 0 <= i < n:
-        raise ChemFLError(f"node config data-slice = {setting!r} must be 'i/n' with 0 <= i < n, e.g. data-slice='1/4'")
-    return i, n
-
-
 @lru_cache(maxsize=4)
 def _shard(folder: str, data_slice: str) -> Shard:
     """The shard (a SuperNode's slice of it, with node config data-slice), read once per process."""
-    shard = load_shard(Path(folder))
-    if not data_slice:
-        return shard
-    index, count = parse_slice(data_slice)
-    return replace(shard, train=shard.train[index::count])
+    return load_slice(Path(folder), parse_slice(data_slice) if data_slice else None)
 
 
 def node_shard(config: dict, context: Context) -> Shard:
@@ -103,9 +86,7 @@ def train(msg: Message, context: Context) -> Message:
     task = _receive_adapter(session, msg)
     spec = replace(spec, local_steps=task_local_steps(task.local_steps, spec.local_steps))
     examples = _training_examples(session, shard, spec.max_length, str(config["model.system-prompt"]))
-    # A different batch order for every task (round, or asynchronous dispatch) and facility,
-    # reproducible from the seeds.
-    seed = spec.seed * 1_000_003 + task.batch_order_key * 1_009 + shard.partition_id
+    seed = batch_order_seed(spec.seed, task.batch_order_key, shard.partition_id)
     cut_before = (examples.report.truncated, examples.report.dropped)
     result = train_local(session.model, examples, spec, session.tokenizer.pad_token_id, seed, session.accelerator)
     emulate_slowdown(str(config["emulation.slowdown"]), shard.facility, result.seconds)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from chemfl import files
@@ -105,3 +105,25 @@ def load_test_set(shard_folder: Path) -> list[dict]:
     if expected is not None and files.file_sha256(build / "test.parquet") != expected:
         raise ChemFLError(f"{build / 'test.parquet'} does not match the build manifest; copy it again")
     return store.read_records(build / "test.parquet")
+
+
+def parse_slice(setting: str) -> tuple[int, int]:
+    """`"i/n"`: records i, i+n, i+2n, ... of a facility's training shard (node config `data-slice`,
+    `chemfl trainer --data-slice`), so n consumers of one shard never train on the same examples."""
+    index, _, count = str(setting).partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        i, n = -1, 0
+    if not 0 <= i < n:
+        raise ChemFLError(f"data-slice = {setting!r} must be 'i/n' with 0 <= i < n, e.g. data-slice='1/4'")
+    return i, n
+
+
+def load_slice(folder: Path, data_slice: tuple[int, int] | None) -> Shard:
+    """The shard, checked against its manifest; with (i, n) its training records i, i+n, ..."""
+    shard = load_shard(folder)
+    if data_slice is None:
+        return shard
+    index, count = data_slice
+    return replace(shard, train=shard.train[index::count])

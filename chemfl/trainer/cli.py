@@ -27,15 +27,13 @@ DEFAULT_COLLECTIVE_TIMEOUT = 600.0
 
 
 def data_slice(text: str) -> tuple[int, int]:
-    """`i/n`: this trainer trains on records i, i+n, i+2n, ... of the shard (as node config data-slice)."""
-    index, _, count = text.partition("/")
+    """`--data-slice i/n`, checked as node config data-slice is (chemfl.data_prep.shards.parse_slice)."""
+    from chemfl.data_prep.shards import parse_slice
+
     try:
-        i, n = int(index), int(count)
-    except ValueError:
-        i, n = -1, 0
-    if not 0 <= i < n:
-        raise argparse.ArgumentTypeError(f"{text!r} must be 'i/n' with 0 <= i < n, e.g. 1/4")
-    return i, n
+        return parse_slice(text)
+    except ChemFLError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

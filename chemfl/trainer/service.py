@@ -25,7 +25,7 @@ import torch
 
 from chemfl.config import Scalar
 from chemfl.data_prep.formatting import LazyExamples
-from chemfl.data_prep.shards import Shard, load_shard, load_test_set
+from chemfl.data_prep.shards import Shard, load_slice, load_test_set
 from chemfl.errors import ChemFLError
 from chemfl.hpc.walltime import remaining_walltime
 from chemfl.llm.evaluation import EvalSpec, evaluate
@@ -275,15 +275,6 @@ class Stopped(Exception):
 
 def _raise_stopped(signum, frame) -> None:
     raise Stopped(f"received {signal.Signals(signum).name}")
-
-
-def load_slice(folder: Path, data_slice: tuple[int, int] | None) -> Shard:
-    """The shard, checked against its manifest; with (i, n) its training records i, i+n, ..."""
-    shard = load_shard(folder)
-    if data_slice is None:
-        return shard
-    index, count = data_slice
-    return replace(shard, train=shard.train[index::count])
 
 
 def configure_logging(ranks: RankEnv) -> None:
