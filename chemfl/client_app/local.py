@@ -18,7 +18,7 @@ from chemfl.data_prep.shards import Shard, load_slice, load_test_set, parse_slic
 from chemfl.emulation import emulate_slowdown
 from chemfl.errors import ChemFLError
 from chemfl.hpc.walltime import remaining_walltime
-from chemfl.llm.evaluation import EvalSpec, evaluate
+from chemfl.llm.evaluation import evaluate_at_facility
 from chemfl.llm.lora import exchanged_state, frozen_a_digest, load_exchanged_state
 from chemfl.llm.session import get_session
 from chemfl.llm.training import TrainSpec, batch_order_seed, train_local
@@ -29,7 +29,6 @@ from chemfl.protocol import (
     EVALUATION_RESULT,
     METRICS,
     NODE,
-    EvalReport,
     NodeConfig,
     NodeInfo,
     Task,
@@ -118,21 +117,11 @@ def evaluate_node(msg: Message, context: Context) -> Message:
     task = _receive_adapter(session, msg)
     on_test_set = task.evaluate_on == Task.TEST_SET
     if on_test_set:
-        folder = shard_dir_for(str(config["data.path"]), dict(context.node_config))
-        records, spec = load_test_set(folder), EvalSpec.from_config(config)
+        records = load_test_set(shard_dir_for(str(config["data.path"]), dict(context.node_config)))
     else:
         records = node_shard(config, context).validation
-        spec = replace(EvalSpec.from_config(config), generate_per_task=int(config["eval.node-generate-per-task"]))
-    result = evaluate(
-        session.model,
-        session.tokenizer,
-        records,
-        spec,
-        int(config["train.max-length"]),
-        str(config["model.system-prompt"]),
-    )
-    exact_match = result["overall"]["exact_match"] if result["overall"] else None
-    content = {METRICS: MetricRecord(EvalReport(result["n_loss"], result["loss"], exact_match).to_metrics())}
+    result, report = evaluate_at_facility(session, config, records, on_test_set)
+    content = {METRICS: MetricRecord(report.to_metrics())}
     if on_test_set:
         content[EVALUATION] = ConfigRecord({EVALUATION_RESULT: json.dumps(result)})
     return Message(content=RecordDict(content), reply_to=msg)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -117,3 +117,25 @@ def evaluate(
         scores = score(generation_records, texts)
         result.update(n_generated=len(generation_records), tasks=scores["tasks"], overall=scores["overall"])
     return result
+
+
+def evaluate_at_facility(session, config: dict[str, Scalar], records: Sequence[dict], on_test_set: bool):
+    """A facility's evaluate task, the same in the ClientApp and the facility trainer: on the
+    held-out test set (`eval.at` names the facility) exactly the server's central evaluation; on
+    its validation shard the loss, with generation metrics only if eval.node-generate-per-task > 0.
+    Returns (the full result, the EvalReport scalars that travel)."""
+    from chemfl.protocol import EvalReport
+
+    spec = EvalSpec.from_config(config)
+    if not on_test_set:
+        spec = replace(spec, generate_per_task=int(config["eval.node-generate-per-task"]))
+    result = evaluate(
+        session.model,
+        session.tokenizer,
+        records,
+        spec,
+        int(config["train.max-length"]),
+        str(config["model.system-prompt"]),
+    )
+    exact_match = result["overall"]["exact_match"] if result["overall"] else None
+    return result, EvalReport(result["n_loss"], result["loss"], exact_match)

@@ -28,12 +28,12 @@ from chemfl.data_prep.formatting import LazyExamples
 from chemfl.data_prep.shards import Shard, load_slice, load_test_set
 from chemfl.errors import ChemFLError
 from chemfl.hpc.walltime import remaining_walltime
-from chemfl.llm.evaluation import EvalSpec, evaluate
+from chemfl.llm.evaluation import evaluate_at_facility
 from chemfl.llm.lora import exchanged_state, frozen_a_digest, load_exchanged_state
 from chemfl.llm.model import ModelSpec
 from chemfl.llm.session import get_session
 from chemfl.llm.training import TrainResult, TrainSpec, batch_order_seed, train_local
-from chemfl.protocol import EvalReport, NodeConfig, Task, TrainReport, task_local_steps
+from chemfl.protocol import NodeConfig, Task, TrainReport, task_local_steps
 from chemfl.trainer.admission import StepTimeEstimate, check_run_config
 from chemfl.trainer.channel import TrainerConnection, TrainerListener, TrainerReply, TrainerRequest
 from chemfl.trainer.group import Command, RankGroup
@@ -227,23 +227,8 @@ class RankZero:
     def _evaluate(self, on_test_set: bool) -> TrainerReply:
         """As the ClientApp's evaluate handler: loss on the validation shard (generation metrics with
         eval.node-generate-per-task), or the central evaluation on the test set."""
-        config = self.replica.config
-        if on_test_set:
-            records, spec = self.test_set(), EvalSpec.from_config(config)
-        else:
-            records = self.replica.shard.validation
-            spec = replace(EvalSpec.from_config(config), generate_per_task=int(config["eval.node-generate-per-task"]))
-        session = self.replica.session
-        result = evaluate(
-            session.model,
-            session.tokenizer,
-            records,
-            spec,
-            int(config["train.max-length"]),
-            str(config["model.system-prompt"]),
-        )
-        exact_match = result["overall"]["exact_match"] if result["overall"] else None
-        report = EvalReport(result["n_loss"], result["loss"], exact_match)
+        records = self.test_set() if on_test_set else self.replica.shard.validation
+        result, report = evaluate_at_facility(self.replica.session, self.replica.config, records, on_test_set)
         return TrainerReply({}, report.to_metrics(), self.replica.shard.facility, result if on_test_set else None)
 
     def _node_config(self) -> dict:
