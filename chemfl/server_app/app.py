@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from functools import partial
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -30,7 +30,7 @@ from chemfl.server_app.checkpoint import AsyncState, Checkpointer, checkpoint_mi
 from chemfl.server_app.evaluation import CentralEvaluator, LocalEvaluation, before_after_table
 from chemfl.server_app.facility_evaluation import FacilityEvaluation
 from chemfl.server_app.grid import PromptGrid
-from chemfl.server_app.outputs import RunOutputs
+from chemfl.server_app.outputs import AFTER_CHECKPOINT, METRICS, RunOutputs
 from chemfl.server_app.strategies import AsynchronousStrategy, RunHooks, make_strategy
 from chemfl.server_app.strategy_spec import StrategySpec
 
@@ -51,7 +51,7 @@ class ResumePoint:
     def load(cls, folder: Path, strategy) -> ResumePoint:
         if not isinstance(strategy, AsynchronousStrategy):
             raise ChemFLError("resume is for asynchronous strategies")
-        checkpointer = Checkpointer(folder / "checkpoint")
+        checkpointer = Checkpointer(folder / "checkpoint", journal=folder / METRICS)
         return cls(folder, checkpointer, checkpointer.load(strategy.rule), read_run_config(folder))
 
     def check_fits(self, initial: ArrayRecord, config: dict) -> None:
@@ -203,13 +203,24 @@ def run_asynchronous(
         emulated, hooks = campaign_hooks(grid, campaign, spec, outputs)
         grid = emulated
     else:
-        checkpointer = resumed.checkpointer if resumed else Checkpointer(outputs.dir / "checkpoint")
+        checkpointer = (
+            resumed.checkpointer if resumed else Checkpointer(outputs.dir / "checkpoint", journal=outputs.metrics_path)
+        )
         hooks = RunHooks(
             record=outputs.append_metrics, checkpointer=checkpointer, deferred_evaluation=facility_evaluation
         )
         if resumed is not None:
             hooks.resume_state = resumed.state
             log(INFO, "resuming %s at version %d", resumed.folder, resumed.state.version)
+            # Lines the checkpoint does not count (written after it, before the crash) would count twice.
+            moved = outputs.rewind_metrics(resumed.state.journal_bytes)
+            if moved:
+                log(
+                    WARNING,
+                    "%d metrics.jsonl line(s) written after the checkpoint moved to %s",
+                    moved,
+                    outputs.dir / AFTER_CHECKPOINT,
+                )
     strategy.start(
         grid=grid,
         initial_arrays=initial,

@@ -159,6 +159,9 @@ class AsyncRun:
         if self.state.last_evaluated != self.state.version:
             self._evaluate(force=True)
         self._wait_for_deferred()
+        if self.checkpointer is not None:  # the end, its evaluation lines included: where a resume would start
+            self.state.elapsed = self.elapsed()
+            self.checkpointer.save(self.state, self.strategy)
         return self.state.params
 
     # --- stopping ------------------------------------------------------------------------------

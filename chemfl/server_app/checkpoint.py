@@ -11,6 +11,11 @@ state.json also lists each array file's arrays (dtype and shape). Loading reads 
 everything (JSON, every named file, the .npz archives' checksums, the listing) before it restores
 anything, and writes nothing: a damaged checkpoint is a ChemFLError naming the file and the fix.
 `checkpoint_misfit_message` says why a sound checkpoint does not fit a run's model and LoRA settings.
+
+With a `journal` (the run's metrics.jsonl), state.json also records how many bytes of it were written
+when it was saved. The loop writes an update's lines (and a new version's, after its evaluation) before
+it checkpoints; a ServerApp that dies in between leaves lines the checkpoint does not count. A resumed
+run moves them aside first (RunOutputs.rewind_metrics), so that metrics.jsonl and the counters agree.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ class AsyncState:
     elapsed: float = 0.0  # wall seconds of the run before this process (resume)
     last_evaluated: int = -1
     resumed: bool = False
+    journal_bytes: int | None = None  # metrics.jsonl's size at the checkpoint (None: not recorded)
 
 
 def _write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -89,8 +95,9 @@ def _field(document: dict, key: str, kind: type | tuple[type, ...], state_file: 
 
 
 class Checkpointer:
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, journal: Path | None = None) -> None:
         self.folder = Path(folder)  # made by the first save: a failed load leaves no trace
+        self.journal = None if journal is None else Path(journal)  # metrics.jsonl: its size goes in state.json
         self._buffer_files: dict[int, str] = {}  # id(delta) -> file, for deltas still buffered
         self._sequence = 0
 
@@ -134,6 +141,7 @@ class Checkpointer:
             "buffer": buffer,
             "optimizer_step": strategy.optimizer_state.step if isinstance(strategy, FedBuffRule) else 0,
             "sequence": self._sequence,
+            "journal_bytes": self._journal_bytes(),
             "arrays": listing,  # file -> array -> [dtype, *shape]: what each file must hold on load
         }
         write_file_atomically(self.folder / STATE, json.dumps(document, indent=1, sort_keys=True))
@@ -141,6 +149,15 @@ class Checkpointer:
         for path in self.folder.iterdir():
             if path.name not in keep and not path.name.startswith("."):
                 path.unlink()
+
+    def _journal_bytes(self) -> int | None:
+        """The journal's size now: every line written so far (they are flushed and fsynced one by one)."""
+        if self.journal is None:
+            return None
+        try:
+            return self.journal.stat().st_size
+        except FileNotFoundError:
+            return 0
 
     def load(self, strategy: FedBuffRule | FedAsyncRule) -> AsyncState:
         """The saved state; the strategy's buffer and optimizer state are restored in place.
@@ -165,6 +182,12 @@ class Checkpointer:
             resumed=True,
         )
         sequence = _field(document, "sequence", int, state_file)
+        journal_bytes = document.get("journal_bytes")  # absent or None: a checkpoint without a journal
+        if journal_bytes is not None and (
+            not isinstance(journal_bytes, int) or isinstance(journal_bytes, bool) or journal_bytes < 0
+        ):
+            raise _damaged(state_file, f"'journal_bytes' = {journal_bytes!r} is not a byte count")
+        state.journal_bytes = journal_bytes
         optimizer_step = _field(document, "optimizer_step", int, state_file)
         buffer: list[tuple[dict[str, np.ndarray], float, str]] = []
         moments: dict[str, np.ndarray] = {}

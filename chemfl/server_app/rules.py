@@ -120,8 +120,10 @@ class FedBuffRule(EveryIdleNode):
     max_staleness: int | None
     optimizer: ServerOptimizer
     lora_aggregation: str
-    buffer: list[tuple[dict[str, np.ndarray], float]] = field(default_factory=list)
-    optimizer_state: ServerOptimizerState = field(default_factory=ServerOptimizerState)
+    # State, not settings: left out of the repr that the strategy's summary logs (after a resume the
+    # buffer holds K - 1 whole deltas).
+    buffer: list[tuple[dict[str, np.ndarray], float]] = field(default_factory=list, repr=False)
+    optimizer_state: ServerOptimizerState = field(default_factory=ServerOptimizerState, repr=False)
 
     def __post_init__(self) -> None:
         if self.buffer_size < 1:

@@ -17,128 +17,38 @@ i.e. for the restarted SuperNode, which the SuperLink refuses for about a minute
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pytest
 import tomli_w
 
 from chemfl.cli import main
 from chemfl.data_prep.build import BuildSpec, build_dataset
-from chemfl.errors import ChemFLError
 from chemfl.hpc.launch_log import read_events
 from chemfl.launcher.schedulers import local_pid, process_alive
-from chemfl.launcher.superlink import check_superlink, make_supernode_keys
+from chemfl.launcher.superlink import make_supernode_keys
 from chemfl.launcher.watch import read_state
 from chemfl.simulation import free_port
 from tests.conftest import make_config
+from tests.launcher.deployment_helpers import (
+    BIN,
+    REPO_ROOT,
+    Processes,
+    needs_flower,
+    start_superlink,
+    tail,
+    updates,
+    wait_for,
+)
 from tests.tiny import save_tiny_llama
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 FACILITIES = ("a", "b", "c")
 RUN = "deployment"
-
-needs_flower = pytest.mark.skipif(
-    not all((BIN / name).exists() for name in ("flower-superlink", "flower-supernode", "flwr")),
-    reason="Flower's deployment commands are not installed beside this Python",
-)
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    if not path.is_file():
-        return f"({path.name}: none)"
-    return f"--- {path.name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
-class Processes:
-    """Everything the test starts, stopped at the end whatever happened: process groups (SIGTERM,
-    then SIGKILL), the launch's watcher and every job it ever submitted."""
-
-    def __init__(self) -> None:
-        self.groups: list[subprocess.Popen] = []
-        self.launch_dirs: list[Path] = []
-
-    def start(self, argv: list[str], log: Path, **kwargs) -> subprocess.Popen:
-        with log.open("w") as stream:
-            process = subprocess.Popen(
-                argv,
-                stdout=stream,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                **kwargs,
-            )
-        self.groups.append(process)
-        return process
-
-    def job_pids(self) -> list[int]:
-        pids = []
-        for launch_dir in self.launch_dirs:
-            if (launch_dir / "launch.jsonl").is_file():
-                pids += [
-                    local_pid(e["job_id"])
-                    for e in read_events(launch_dir / "launch.jsonl")
-                    if e["event"] in ("submitted", "resubmitted")
-                ]
-        return pids
-
-    def stop_all(self) -> None:
-        for launch_dir in self.launch_dirs:
-            if launch_dir.is_dir():
-                (launch_dir / "launch.stop").touch()  # the watcher submits nothing more
-        for pid in [process.pid for process in reversed(self.groups)] + self.job_pids():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for process in self.groups:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(max(0.1, deadline - time.monotonic()))
-        for pid in [process.pid for process in self.groups] + self.job_pids():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
-        for process in self.groups:
-            if process.poll() is None:
-                process.wait(10)
-
-
-@pytest.fixture
-def processes() -> Iterator[Processes]:
-    started = Processes()
-    try:
-        yield started
-    finally:
-        started.stop_all()
-
-
-def wait_for(predicate: Callable[[], object], seconds: float, what: str, logs: Callable[[], str]) -> object:
-    deadline = time.monotonic() + seconds
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} (waited {seconds:.0f} s)\n{logs()}")
-        time.sleep(0.5)
-
-
-def updates(metrics: Path) -> list[dict]:
-    if not metrics.is_file():
-        return []
-    lines = []
-    for line in metrics.read_text().splitlines():
-        try:
-            lines.append(json.loads(line))
-        except json.JSONDecodeError:  # the line being written
-            continue
-    return [line for line in lines if line.get("event") == "update"]
 
 
 # --- the job script's retry of a refused SuperNode, with a stand-in flower-supernode -----------------
@@ -265,42 +175,7 @@ def test_REAL_deployment_survives_a_killed_facility_job(tmp_path: Path, processe
         )
 
     # --- the SuperLink: certificates, keys, superlink.sh, connection, registration ----------------
-    assert (
-        main(
-            [
-                "launch",
-                "superlink",
-                str(facilities_file),
-                "--out",
-                str(server),
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--connection",
-                "chemfl-test",
-                "--flwr-home",
-                str(cli_home),
-            ]
-        )
-        == 0
-    )
-    processes.start(
-        ["bash", str(server / "superlink.sh")],
-        tmp_path / "superlink.log",
-        cwd=tmp_path,
-        env={**env, "FLWR_HOME": str(tmp_path / "superlink-home")},
-    )
-
-    def superlink_up() -> bool:
-        try:
-            check_superlink(f"127.0.0.1:{port}", server / "certs" / "ca.crt", insecure=False, timeout=1)
-        except ChemFLError:
-            return False
-        return True
-
-    wait_for(superlink_up, 30, "flower-superlink did not start", logs)
-    assert main(["launch", "register", str(server)]) == 0
+    start_superlink(facilities_file, server, port, "chemfl-test", cli_home, env, processes, logs)
 
     # A SuperNode whose key was never registered is refused (it runs beside the rest and is checked at the end).
     rogue = make_supernode_keys(tmp_path / "rogue", ["rogue-0"])["rogue-0"]
