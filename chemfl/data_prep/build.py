@@ -28,11 +28,13 @@ from chemfl.data_prep.sources.files import load_files
 from chemfl.data_prep.sources.offline import load_offline, pubchem_table_path
 from chemfl.data_prep.sources.smolinstruct import HUB_FILE, HUB_REPO, SMOLINSTRUCT_TASKS, load_smolinstruct
 from chemfl.data_prep.splits import split_records
-from chemfl.data_prep.tasks import OFFLINE_TASKS_BY_NAME
+from chemfl.data_prep.tasks import DEFAULT_OFFLINE_TASKS, OFFLINE_TASKS_BY_NAME
 from chemfl.errors import ChemFLError
 
 SOURCES = ("offline", "smolinstruct", "files")
 KNOWN_TASKS = {"offline": tuple(OFFLINE_TASKS_BY_NAME), "smolinstruct": SMOLINSTRUCT_TASKS}
+# What data.tasks = "all" builds. Offline reactions are opt-in, so "all" builds what it always has.
+ALL_TASKS = {"offline": DEFAULT_OFFLINE_TASKS, "smolinstruct": SMOLINSTRUCT_TASKS}
 
 
 @dataclass(frozen=True)
@@ -64,9 +66,9 @@ class BuildSpec:
             if unknown:
                 raise ChemFLError(
                     f"unknown task(s) {unknown} for data.source = {source!r}; "
-                    f'choose from: {", ".join(known)} (or "all")'
+                    f'choose from: {", ".join(known)} (or "all": {", ".join(ALL_TASKS[source])})'
                 )
-            tasks = tasks or known
+            tasks = tasks or ALL_TASKS[source]
         test_fraction = float(config["data.test-fraction"])
         validation_fraction = float(config["data.validation-fraction"])
         if not (0 < test_fraction < 1 and 0 < validation_fraction < 1 and test_fraction + validation_fraction < 1):

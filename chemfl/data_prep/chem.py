@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from dataclasses import dataclass
 from functools import lru_cache
 
-from rdkit import Chem, RDLogger
-from rdkit.Chem import Crippen, Descriptors, Lipinski, rdMolDescriptors
+from rdkit import Chem, DataStructs, RDLogger
+from rdkit.Chem import Crippen, Descriptors, Lipinski, MACCSkeys, rdFingerprintGenerator, rdMolDescriptors
 
 # RDKit prints every parse failure to stderr; invalid SMILES are expected input here.
 RDLogger.DisableLog("rdApp.*")
@@ -35,12 +36,55 @@ def inchi_key(smiles: str) -> str | None:
     return Chem.MolToInchiKey(mol) or None
 
 
+@lru_cache(maxsize=200_000)
+def molecule_set(smiles: str) -> frozenset[str] | None:
+    """The molecules a SMILES holds, as a set of identities (InChIKey; canonical SMILES where RDKit
+    cannot make one), or None when RDKit cannot parse it. 'A.B' and 'B.A' give the same set, as
+    LlaSMol compares multi-molecule answers (reactant lists)."""
+    mol = mol_from_smiles(smiles)
+    if mol is None:
+        return None
+    return frozenset(
+        Chem.MolToInchiKey(fragment) or "smiles:" + Chem.MolToSmiles(fragment)
+        for fragment in Chem.GetMolFrags(mol, asMols=True)
+    )
+
+
 def same_molecule(smiles_a: str, smiles_b: str) -> bool:
-    """Equal canonical SMILES, or equal InChIKey (catches tautomers written differently)."""
-    canon_a, canon_b = canonical_smiles(smiles_a), canonical_smiles(smiles_b)
-    if canon_a is None or canon_b is None:
-        return False
-    return canon_a == canon_b or inchi_key(smiles_a) == inchi_key(smiles_b)
+    """The same set of molecules: equal InChIKeys (which also equate tautomers written differently),
+    order of dot-separated molecules ignored."""
+    molecules_a = molecule_set(smiles_a)
+    return molecules_a is not None and molecules_a == molecule_set(smiles_b)
+
+
+@dataclass(frozen=True)
+class Similarity:
+    """Tanimoto similarity of two molecules by three fingerprints, as LlaSMol reports them."""
+
+    maccs: float  # the 166 MACCS structural keys
+    rdkit: float  # RDKit's path fingerprint (paths of 1-7 bonds, 2048 bits)
+    morgan: float  # Morgan radius 2, counts (RDKit's GetMorganFingerprint(mol, 2))
+
+
+_RDKIT_FINGERPRINT = rdFingerprintGenerator.GetRDKitFPGenerator()
+_MORGAN_FINGERPRINT = rdFingerprintGenerator.GetMorganGenerator(radius=2)
+
+
+def similarity(smiles_a: str, smiles_b: str) -> Similarity | None:
+    """Fingerprint similarity of two SMILES (a multi-molecule SMILES is fingerprinted whole, so
+    molecule order does not matter); None when either does not parse."""
+    mol_a, mol_b = mol_from_smiles(smiles_a), mol_from_smiles(smiles_b)
+    if mol_a is None or mol_b is None:
+        return None
+    return Similarity(
+        maccs=DataStructs.TanimotoSimilarity(MACCSkeys.GenMACCSKeys(mol_a), MACCSkeys.GenMACCSKeys(mol_b)),
+        rdkit=DataStructs.TanimotoSimilarity(
+            _RDKIT_FINGERPRINT.GetFingerprint(mol_a), _RDKIT_FINGERPRINT.GetFingerprint(mol_b)
+        ),
+        morgan=DataStructs.TanimotoSimilarity(
+            _MORGAN_FINGERPRINT.GetSparseCountFingerprint(mol_a), _MORGAN_FINGERPRINT.GetSparseCountFingerprint(mol_b)
+        ),
+    )
 
 
 def hill_formula(mol: Chem.Mol) -> str:
@@ -104,6 +148,12 @@ def normalize_iupac(name: str | None) -> str | None:
     text = re.sub(r"\s+", "", name).lower()
     text = re.sub("[\u2010-\u2015\u2212]", "-", text)
     return text or None
+
+
+def iupac_parts(name: str) -> list[str]:
+    """The `;`-separated parts of a name (PubChem names salts and mixtures 'sodium;chloride'),
+    each normalised, sorted: LlaSMol's split match compares these."""
+    return sorted(normalize_iupac(part) or "" for part in name.split(";"))
 
 
 def crippen_logp(mol: Chem.Mol) -> float:

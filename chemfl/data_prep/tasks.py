@@ -1,8 +1,9 @@
 """The offline tasks: SMolInstruct's four name conversions plus two RDKit-labelled properties
-(Crippen LogP, rule of three).
+(Crippen LogP, rule of three), one record per molecule; and SMolInstruct's two reaction tasks,
+forward synthesis and retrosynthesis, one record per RDKit-templated reaction.
 
-Each task turns one molecule into one record through one of several instruction templates
-(`<INPUT>` and `<OUTPUT>` mark where the tagged cores go, as in SMolInstruct's templates).
+Each task turns one molecule (or reaction) into one record through one of several instruction
+templates (`<INPUT>` and `<OUTPUT>` mark where the tagged cores go, as in SMolInstruct's templates).
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
+from chemfl.data_prep.reactions import Reaction
 from chemfl.data_prep.schema import make_record
 
 
@@ -25,16 +28,19 @@ class Molecule:
     fragment_like: bool  # passes the rule of three
 
 
+Item = TypeVar("Item", Molecule, Reaction)
+
+
 @dataclass(frozen=True)
-class OfflineTask:
+class OfflineTask(Generic[Item]):
     name: str
     input_tag: tuple[str, str]
     output_tag: tuple[str, str]
     templates: tuple[tuple[str, str], ...]  # (input template, output template)
-    core_pair: Callable[[Molecule], tuple[str, str]]  # molecule -> (raw_input, raw_output)
+    core_pair: Callable[[Item], tuple[str, str]]  # molecule or reaction -> (raw_input, raw_output)
 
-    def record(self, molecule: Molecule, rng: random.Random) -> dict[str, str | None]:
-        raw_input, raw_output = self.core_pair(molecule)
+    def record(self, item: Item, rng: random.Random) -> dict[str, str | None]:
+        raw_input, raw_output = self.core_pair(item)
         input_template, output_template = self.templates[rng.randrange(len(self.templates))]
         return make_record(
             input_template, output_template, raw_input, raw_output, self.name, self.input_tag, self.output_tag
@@ -53,7 +59,7 @@ def format_number(value: float) -> str:
     return "0.00" if text == "-0.00" else text
 
 
-OFFLINE_TASKS: tuple[OfflineTask, ...] = (
+MOLECULE_TASKS: tuple[OfflineTask[Molecule], ...] = (
     OfflineTask(
         "name_conversion-i2s",
         IUPAC_TAG,
@@ -128,4 +134,55 @@ OFFLINE_TASKS: tuple[OfflineTask, ...] = (
     ),
 )
 
+# SMolInstruct's wording; both sides are SMILES, several molecules dot-joined ("A.B").
+REACTION_TASKS: tuple[OfflineTask[Reaction], ...] = (
+    OfflineTask(
+        "forward_synthesis",
+        SMILES_TAG,
+        SMILES_TAG,
+        (
+            (
+                "<INPUT> Based on the reactants given above, suggest a possible product.",
+                "A possible product can be <OUTPUT> .",
+            ),
+            (
+                "Based on the given reactants: <INPUT>, what product could potentially be produced?",
+                "The product can be <OUTPUT> .",
+            ),
+            ("Given the following reactants, please provide a possible product. <INPUT>", "<OUTPUT>"),
+            ("What is the main product of the reaction between <INPUT> ?", "The main product is <OUTPUT> ."),
+        ),
+        lambda r: (r.reactants_smiles, r.product),
+    ),
+    OfflineTask(
+        "retrosynthesis",
+        SMILES_TAG,
+        SMILES_TAG,
+        (
+            (
+                "Identify possible reactants that could have been used to create the specified product. <INPUT>",
+                "<OUTPUT>",
+            ),
+            (
+                "Given the following product, please provide possible reactants. <INPUT>",
+                "Possible reactants: <OUTPUT> .",
+            ),
+            (
+                "With the provided product <INPUT>, recommend some likely reactants that were used to produce it.",
+                "<OUTPUT>",
+            ),
+            (
+                "<INPUT> Given the product provided, propose some possible reactants that could have been "
+                "employed in its formation.",
+                "Here are possible reactants: <OUTPUT> .",
+            ),
+        ),
+        lambda r: (r.product, r.reactants_smiles),
+    ),
+)
+
+OFFLINE_TASKS: tuple[OfflineTask, ...] = MOLECULE_TASKS + REACTION_TASKS
 OFFLINE_TASKS_BY_NAME: dict[str, OfflineTask] = {task.name: task for task in OFFLINE_TASKS}
+# What data.tasks = "all" builds: the molecule tasks. Reactions are built only when named, so
+# builds made before they existed keep their content.
+DEFAULT_OFFLINE_TASKS: tuple[str, ...] = tuple(task.name for task in MOLECULE_TASKS)

@@ -360,6 +360,10 @@ BAD_INPUT = {
         {"data.source": "smolinstruct", "data.smolinstruct-path": "/nonexistent/data.zip"},
         "does not exist",
     ),
+    "reactions without reactant pairs": (
+        {"data.max-molecules": 3, "data.tasks": "forward_synthesis"},
+        "hold no reactant pairs for the reaction tasks; raise data.max-molecules",
+    ),
     "smolinstruct unknown task": (
         {"data.source": "smolinstruct", "data.tasks": "name_conversion-s2f,logp"},
         r"unknown task\(s\) \['logp'\]",
@@ -412,6 +416,54 @@ def test_files_requested_task_absent_from_the_files(tmp_path):
 
 
 # --- other sources and schemes through the build -----------------------------------------------
+
+REACTION_TASKS = ("forward_synthesis", "retrosynthesis")
+
+
+def test_all_offline_tasks_are_the_six_molecule_tasks_and_reactions_are_named():
+    assert spec_of().tasks == OFFLINE_TASKS
+    assert spec_of(tasks="all").tasks == OFFLINE_TASKS
+    assert spec_of(tasks="retrosynthesis,name_conversion-s2f").tasks == ("retrosynthesis", "name_conversion-s2f")
+    with pytest.raises(ChemFLError) as error:
+        spec_of(tasks="forward_prediction")
+    message = str(error.value)
+    assert "choose from:" in message and all(task in message for task in (*OFFLINE_TASKS, *REACTION_TASKS))
+    assert f'"all": {", ".join(OFFLINE_TASKS)})' in message
+
+
+def test_the_default_build_has_no_reactions(small_build):
+    manifest = files.read_json(small_build / "manifest.json")
+    assert "reactions" not in manifest["source"]
+    assert not set(REACTION_TASKS) & set(manifest["counts"]["train"])
+
+
+def test_by_task_groups_recipe_gives_each_facility_one_task_group(tmp_path):
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "by-task-groups.toml"
+    config = make_config({**cli_config(recipe), "data.max-molecules": 200})
+    result = build_dataset(BuildSpec.from_config(config), tmp_path / "build")
+    manifest = result.manifest
+    tasks = (*OFFLINE_TASKS, *REACTION_TASKS)
+    assert tuple(manifest["tasks"]) == tasks and manifest["facilities"] == ["polaris", "aurora", "frontier"]
+    groups = {
+        "polaris": {task for task in tasks if task.startswith("name_conversion-")},
+        "aurora": {task for task in tasks if task.startswith("property_prediction-")},
+        "frontier": set(REACTION_TASKS),
+    }
+    for facility, group in groups.items():
+        assert set(manifest["counts"]["partitions"][facility]["train"]) == group, facility
+        shard = store.read_records(tmp_path / "build" / "partitions" / facility / "train.parquet")
+        assert {record["task"] for record in shard} == group
+    assert set(manifest["counts"]["test"]) == set(tasks)
+    reactions = sum(manifest["source"]["reactions"].values())
+    for task in REACTION_TASKS:
+        assert sum(manifest["counts"][split].get(task, 0) for split in ("train", "validation", "test")) == reactions
+    assert manifest["leakage_dropped"] == {}
+
+
+def cli_config(recipe: Path) -> dict:
+    from chemfl.data_prep.cli import load_run_config
+
+    return load_run_config(str(recipe))
 
 
 def test_files_source_build(tmp_path):

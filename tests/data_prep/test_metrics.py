@@ -72,6 +72,98 @@ def test_invalid_smiles_is_invalid_and_never_a_match(predicted):
     assert judge(SMILES, predicted, predicted).correct is False
 
 
+FINGERPRINT_KEYS = ("tanimoto_maccs", "tanimoto_rdkit", "tanimoto_morgan")
+
+
+@pytest.mark.parametrize(
+    "predicted, gold",
+    [
+        ("OCC", "CCO"),
+        ("C1=CC=CC=C1", "c1ccccc1"),
+        ("[H]OC([H])([H])C", "CCO"),
+        ("CC(O)=O.OCC", "CCO.CC(=O)O"),
+    ],
+)
+def test_the_same_molecule_written_differently_has_tanimoto_one_by_every_fingerprint(predicted, gold):
+    result = judge(SMILES, predicted, gold)
+    assert result.valid and result.correct
+    assert result.similarity == chem.Similarity(maccs=1.0, rdkit=1.0, morgan=1.0)
+    metrics = score([record("i2s", "smiles", gold)], [answer("smiles", predicted)])["tasks"]["i2s"]
+    assert metrics["exact_match"] == 1.0
+    assert all(metrics[key] == 1.0 for key in FINGERPRINT_KEYS)
+
+
+@pytest.mark.parametrize("predicted", ["CCO.CC(=O)O", "CC(=O)O.CCO", "OC(C)=O.C(C)O"])
+def test_reactant_order_does_not_matter(predicted):
+    gold = "CC(=O)O.CCO"
+    result = judge(SMILES, predicted, gold)
+    assert result.valid and result.correct
+    assert result.similarity == chem.Similarity(maccs=1.0, rdkit=1.0, morgan=1.0)
+
+
+def test_molecules_are_compared_as_a_set_as_llasmol_does():
+    # LlaSMol keys a multi-molecule answer by its set of InChIs: a repeated molecule adds nothing.
+    assert judge(SMILES, "CCO.CCO.CC(=O)O", "CC(=O)O.CCO").correct
+    # A dot inside ring-bond numbering joins atoms: C1.C1 is one molecule, ethane.
+    assert judge(SMILES, "C1.C1", "CC").correct
+
+
+@pytest.mark.parametrize(
+    "predicted",
+    [
+        "CCN.CC(=O)O",  # one reactant wrong
+        "CCO.CC(=O)OC",  # the other one wrong
+        "CC(=O)O",  # one missing
+        "CCO.CC(=O)O.CN",  # one too many
+    ],
+)
+def test_one_wrong_reactant_is_no_match(predicted):
+    gold = "CC(=O)O.CCO"
+    result = judge(SMILES, predicted, gold)
+    assert result.valid and not result.correct
+    similarity = result.similarity
+    assert all(0.0 <= value <= 1.0 for value in (similarity.maccs, similarity.rdkit, similarity.morgan))
+    # Morgan counts see every changed atom environment. The path fingerprint can miss a dropped
+    # molecule whose bond paths the others also hold (ethanol's inside acetic acid's): similarity is
+    # a partial-credit column, exact match the verdict.
+    assert similarity.morgan < 1.0
+
+
+def test_similarity_is_symmetric_and_none_for_unparseable_smiles():
+    assert chem.similarity("CCO", "CCCO") == chem.similarity("CCCO", "CCO")
+    assert chem.similarity("C1CC", "CCO") is None
+    assert chem.similarity("CCO", "C1CC") is None
+
+
+def test_tanimoto_columns_are_means_over_valid_answers():
+    records = [record("fwd", "smiles", gold) for gold in ("CCO", "c1ccccc1", "CCO", "CCO")]
+    predictions = [
+        answer("smiles", "OCC"),  # match: 1.0
+        answer("smiles", "Cc1ccccc1"),  # valid, different
+        answer("smiles", "C1CC"),  # invalid: not in the means
+        "no tags",  # no answer: not in the means
+    ]
+    metrics = score(records, predictions)["tasks"]["fwd"]
+    toluene = chem.similarity("Cc1ccccc1", "c1ccccc1")
+    assert metrics["exact_match"] == pytest.approx(1 / 4)
+    assert metrics["invalid_rate"] == pytest.approx(2 / 4)
+    assert metrics["tanimoto_maccs"] == pytest.approx((1.0 + toluene.maccs) / 2)
+    assert metrics["tanimoto_rdkit"] == pytest.approx((1.0 + toluene.rdkit) / 2)
+    assert metrics["tanimoto_morgan"] == pytest.approx((1.0 + toluene.morgan) / 2)
+    assert metrics["tanimoto_morgan"] < 1.0
+
+
+def test_tanimoto_columns_are_none_when_no_answer_is_valid():
+    metrics = score([record("fwd", "smiles", "CCO")] * 2, ["nothing", answer("smiles", "C(C")])["tasks"]["fwd"]
+    assert metrics["invalid_rate"] == 1.0
+    assert all(metrics[key] is None for key in FINGERPRINT_KEYS)
+
+
+def test_only_smiles_tasks_get_tanimoto_columns():
+    result = score([record("s2f", "formula", "CH4"), record("logp", "number", "1.0")], [answer("formula", "CH4")] * 2)
+    assert not any(key in metrics for metrics in result["tasks"].values() for key in FINGERPRINT_KEYS)
+
+
 # --- formulas ----------------------------------------------------------------------------------
 
 
@@ -165,6 +257,34 @@ def test_different_iupac_names_do_not_match(predicted):
     assert result.valid and not result.correct
 
 
+def test_split_match_compares_the_semicolon_separated_parts_in_any_order():
+    gold = "sodium;2-hydroxypropanoate"
+    records = [record("s2i", "iupac", gold)] * 4
+    predictions = [
+        answer("iupac", "sodium;2-hydroxypropanoate"),  # exact, and so split match
+        answer("iupac", "2-Hydroxypropanoate; sodium"),  # parts swapped: split match only
+        answer("iupac", "sodium;propanoate"),  # one part wrong: neither
+        answer("iupac", "sodium 2-hydroxypropanoate"),  # the parts run together: neither
+    ]
+    assert [judge(IUPAC, extract_answer(p, *TAGS["iupac"]), gold).split_match for p in predictions] == [
+        True,
+        True,
+        False,
+        False,
+    ]
+    metrics = score(records, predictions)["tasks"]["s2i"]
+    assert metrics["exact_match"] == pytest.approx(1 / 4)
+    assert metrics["split_match"] == pytest.approx(2 / 4)
+
+
+def test_split_match_of_a_one_part_name_is_exact_match():
+    records = [record("s2i", "iupac", "2-methylpropan-1-ol")] * 3
+    predictions = [answer("iupac", "2-Methylpropan-1-ol"), answer("iupac", "butan-1-ol"), "no tags"]
+    metrics = score(records, predictions)["tasks"]["s2i"]
+    assert metrics["split_match"] == metrics["exact_match"] == pytest.approx(1 / 3)
+    assert metrics["invalid_rate"] == pytest.approx(1 / 3)
+
+
 # --- numbers -----------------------------------------------------------------------------------
 
 
@@ -255,6 +375,54 @@ def test_boolean_tasks_report_accuracy():
     assert "rmse" not in metrics
 
 
+def confusion_case(true_pos: int, false_pos: int, false_neg: int, true_neg: int) -> tuple[list[dict], list[str]]:
+    """Records and answers with the given confusion matrix ("Yes" is the positive class)."""
+    pairs = [("Yes", "Yes")] * true_pos + [("Yes", "No")] * false_pos + [("No", "Yes")] * false_neg
+    pairs += [("No", "No")] * true_neg
+    return [record("ro3", "boolean", gold) for _, gold in pairs], [answer("boolean", said) for said, _ in pairs]
+
+
+def test_f1_and_mcc_on_a_hand_computed_confusion_matrix():
+    records, predictions = confusion_case(true_pos=3, false_pos=1, false_neg=2, true_neg=4)
+    metrics = score(records, predictions)["tasks"]["ro3"]
+    assert metrics["accuracy"] == pytest.approx(7 / 10)
+    # precision 3/4, recall 3/5: F1 = 2 * 3 / (2 * 3 + 1 + 2)
+    assert metrics["f1"] == pytest.approx(6 / 9)
+    # (3 * 4 - 1 * 2) / sqrt((3 + 1) * (3 + 2) * (4 + 1) * (4 + 2))
+    assert metrics["mcc"] == pytest.approx(10 / math.sqrt(600))
+
+
+@pytest.mark.parametrize(
+    "matrix, f1, mcc",
+    [
+        ((2, 0, 0, 3), 1.0, 1.0),  # perfect
+        ((0, 3, 2, 0), 0.0, -1.0),  # always wrong
+        ((0, 0, 2, 3), 0.0, 0.0),  # always "No": no true positive, an empty column
+        ((2, 3, 0, 0), 4 / 7, 0.0),  # always "Yes": an empty column
+    ],
+)
+def test_f1_and_mcc_at_the_extremes(matrix, f1, mcc):
+    metrics = score(*confusion_case(*matrix))["tasks"]["ro3"]
+    assert metrics["f1"] == pytest.approx(f1)
+    assert metrics["mcc"] == pytest.approx(mcc)
+
+
+def test_f1_and_mcc_count_valid_answers_only():
+    records, predictions = confusion_case(true_pos=1, false_pos=0, false_neg=1, true_neg=1)
+    records += [record("ro3", "boolean", "Yes"), record("ro3", "boolean", "No")]
+    predictions += [answer("boolean", "maybe"), "no tags"]
+    metrics = score(records, predictions)["tasks"]["ro3"]
+    assert metrics["accuracy"] == pytest.approx(2 / 5)  # invalid answers count as wrong here ...
+    assert metrics["invalid_rate"] == pytest.approx(2 / 5)
+    assert metrics["f1"] == pytest.approx(2 / 3)  # ... and are left out here: 2 * 1 / (2 * 1 + 0 + 1)
+    assert metrics["mcc"] == pytest.approx(1 / 2)  # (1 * 1 - 0) / sqrt(1 * 2 * 1 * 2)
+
+
+def test_f1_and_mcc_are_none_without_a_valid_answer():
+    metrics = score([record("ro3", "boolean", "Yes")], ["nothing"])["tasks"]["ro3"]
+    assert metrics["f1"] is None and metrics["mcc"] is None
+
+
 # --- score() -----------------------------------------------------------------------------------
 
 
@@ -284,7 +452,15 @@ def test_score_per_task_and_macro_means():
         "exact_match": pytest.approx(1 / 3),
         "invalid_rate": pytest.approx(1 / 3),
     }
-    assert tasks["i2s"] == {"kind": "smiles", "n": 1, "exact_match": 1.0, "invalid_rate": 0.0}
+    assert tasks["i2s"] == {
+        "kind": "smiles",
+        "n": 1,
+        "exact_match": 1.0,
+        "invalid_rate": 0.0,
+        "tanimoto_maccs": 1.0,
+        "tanimoto_rdkit": 1.0,
+        "tanimoto_morgan": 1.0,
+    }
     assert tasks["ro3"]["exact_match"] == 0.0 and tasks["ro3"]["invalid_rate"] == 0.5
     overall = result["overall"]
     assert overall["n"] == 6

@@ -1,19 +1,22 @@
 """An offline SMolInstruct-style set built from PubChem identifiers shipped in `chemicals`.
 
 Needs no network: the PubChem table (~71k compounds: formula, SMILES, InChIKey, IUPAC name) is
-package data of `chemicals`, and RDKit computes every label exactly.
+package data of `chemicals`, and RDKit computes every label exactly, reaction products included
+(reaction templates applied to pairs of the drawn molecules, see `reactions`).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import random
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from chemfl.data_prep import chem
+from chemfl.data_prep.reactions import find_reactions
 from chemfl.data_prep.splits import assign_splits
-from chemfl.data_prep.tasks import OFFLINE_TASKS_BY_NAME, Molecule
+from chemfl.data_prep.tasks import MOLECULE_TASKS, OFFLINE_TASKS_BY_NAME, REACTION_TASKS, Molecule
 from chemfl.errors import ChemFLError
 
 PUBCHEM_TABLE = "chemical identifiers pubchem large.tsv"
@@ -89,30 +92,52 @@ def load_offline(
     validation_fraction: float,
     on_molecule: Callable[[], None] = lambda: None,
 ) -> tuple[list[dict], dict]:
-    """Records for `tasks` (one per task per molecule), split by molecule, and a description.
+    """Records for `tasks` (one per molecule task per molecule, one per reaction task per reaction
+    among those molecules), split by molecule, and a description.
 
     The split is decided per molecule here, where the molecule is known: a task that only names
     it (I2F) and one that only draws it (S2F) then share a split even when no task links the two.
+    A reaction shares the split of both its reactant molecules.
     """
+    requested = [OFFLINE_TASKS_BY_NAME[task] for task in tasks]
+    molecule_tasks = [task for task in requested if task in MOLECULE_TASKS]
+    reaction_tasks = [task for task in requested if task in REACTION_TASKS]
     table = pubchem_table_path()
     rng = random.Random(seed)
     records: list[dict] = []
     groups: list[list[int]] = []
+    group_of: dict[str, int] = {}  # canonical SMILES -> its molecule's group
     for molecule in iter_molecules(table, seed):
         if len(groups) >= max_molecules:
             break
         start = len(records)
-        records.extend(OFFLINE_TASKS_BY_NAME[task].record(molecule, rng) for task in tasks)
+        records.extend(task.record(molecule, rng) for task in molecule_tasks)
+        group_of[molecule.smiles] = len(groups)
         groups.append(list(range(start, len(records))))
         on_molecule()
     if len(groups) < max_molecules:
         raise ChemFLError(
             f"the PubChem table holds only {len(groups)} usable molecules; set data.max-molecules <= {len(groups)}"
         )
-    assign_splits(records, test_fraction, validation_fraction, seed, groups=groups)
     source = {
         "name": "offline",
         "table": f"chemicals/Identifiers/{PUBCHEM_TABLE}",
         "molecules": len(groups),
     }
+    if reaction_tasks:
+        reactions = find_reactions(list(group_of))
+        if not reactions:
+            raise ChemFLError(
+                f"the {max_molecules} molecules drawn hold no reactant pairs for the reaction tasks; "
+                "raise data.max-molecules"
+            )
+        for reaction in reactions:
+            start = len(records)
+            records.extend(task.record(reaction, rng) for task in reaction_tasks)
+            first, second = (group_of[smiles] for smiles in reaction.reactants)
+            # Each molecule is a reactant at most once, so merging never chains groups together.
+            groups[first] += groups[second] + list(range(start, len(records)))
+            groups[second] = []
+        source["reactions"] = dict(sorted(Counter(reaction.reaction_class for reaction in reactions).items()))
+    assign_splits(records, test_fraction, validation_fraction, seed, groups=[group for group in groups if group])
     return records, source
