@@ -377,24 +377,24 @@ def import_seconds(modules: tuple[str, ...], repeats: int = 3) -> tuple[float, f
 
 def exchanged_adapter(run_config: dict) -> tuple[int, int, int]:
     """(bytes, tensors, Flower objects) of the adapter one update carries each way, from the recipe's
-    LoRA settings. Flower sends an ArrayRecord as content-addressed objects (the record, each Array,
-    each array's 5 MiB chunks), one request per object per hop; identical chunks are sent once, so
-    the objects are counted with distinct contents, as in a trained update (the initial B is zeros)."""
+    LoRA settings, packed as the apps send it (chemfl.llm.packing: one vector). Flower sends an
+    ArrayRecord as content-addressed objects (the record, each Array, each array's 5 MiB chunks), one
+    request per object per hop; identical chunks are sent once, so the objects are counted with
+    distinct contents, as in a trained update (the initial B is zeros)."""
     import numpy as np
     from flwr.app import Array, ArrayRecord
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
     from chemfl.llm.adapter_init import initial_adapter
     from chemfl.llm.model import LoraSpec, ModelSpec
+    from chemfl.llm.packing import AdapterLayout
 
     config = resolve(run_config)
     tensors, _ = initial_adapter(ModelSpec.from_config(config), LoraSpec.from_config(config))
-    random = np.random.default_rng(0)
-    record = ArrayRecord(
-        {name: Array(random.standard_normal(tuple(t.shape)).astype(np.float32)) for name, t in tensors.items()}
-    )
-    size = sum(t.numel() * t.element_size() for t in tensors.values())
-    return size, len(tensors), len(get_all_nested_objects(record))
+    layout = AdapterLayout.of(tensors)
+    packed = np.random.default_rng(0).standard_normal(layout.size).astype(np.float32)
+    record = ArrayRecord({protocol.ADAPTER: Array(packed)})
+    return packed.nbytes, len(tensors), len(get_all_nested_objects(record))
 
 
 def settings_of(args: argparse.Namespace, layout: str) -> dict:

@@ -1,5 +1,9 @@
-"""The dependency rules between rooms, checked in the imports themselves: each module is imported
-in a fresh interpreter and `sys.modules` is inspected (grep cannot see what an import pulls in)."""
+"""The dependency rules between rooms, checked in the imports themselves: modules are imported in a
+fresh interpreter and `sys.modules` is inspected (grep cannot see what an import pulls in).
+
+One interpreter per rule imports every module of its room: what a module loads does not depend on
+what was imported before it, so the room's union is free of a forbidden module exactly when each of
+its modules is; when it is not, each module is imported alone to name the offenders."""
 
 from __future__ import annotations
 
@@ -25,8 +29,8 @@ def modules(room: str) -> list[str]:
     return [room] + [info.name for info in found if not info.name.endswith(".__main__")]  # __main__ runs
 
 
-def loaded_after_import(module: str) -> set[str]:
-    code = f"import sys, json, {module}; print(json.dumps(sorted(sys.modules)))"
+def loaded_after_import(*module_names: str) -> set[str]:
+    code = f"import sys, json, {', '.join(module_names)}; print(json.dumps(sorted(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return set(json.loads(result.stdout.strip().splitlines()[-1]))
 
@@ -46,6 +50,11 @@ RULES = [
     ("chemfl.data_prep", ("flwr", "chemfl.server_app", "chemfl.client_app"), "data_prep knows no Flower apps"),
     ("chemfl.report", ("torch", "flwr"), "the report only reads run folders"),
     ("chemfl.server_app", ("chemfl.launcher",), "nothing on the server side imports the launcher"),
+    (
+        "chemfl.server_app.baselines",
+        ("chemfl.client_app",),
+        "baselines read shards through data_prep, not the ClientApp",
+    ),
     ("chemfl.emulation", ("chemfl.launcher",), "the emulator replays launch logs through chemfl.hpc"),
     ("chemfl.client_app", ("chemfl.launcher",), "the ClientApp reads walltime through chemfl.hpc"),
     ("chemfl.client_app.app", ("torch", "transformers"), "Flower starts the ClientApp per message: keep it light"),
@@ -57,15 +66,24 @@ RULES = [
 ]
 
 
-@pytest.mark.parametrize(
-    "module, forbidden, why",
-    [(module, forbidden, why) for room, forbidden, why in RULES for module in modules(room)],
-)
-def test_module_loads_nothing_its_room_forbids(module, forbidden, why):
-    assert offenders(loaded_after_import(module), forbidden) == [], why
+def room_offenders(room: str, forbidden: tuple[str, ...]) -> dict[str, list[str]]:
+    """{module: the forbidden modules it loads} for the offending modules of a room."""
+    room_modules = modules(room)
+    if not offenders(loaded_after_import(*room_modules), forbidden):
+        return {}
+    found = {module: offenders(loaded_after_import(module), forbidden) for module in room_modules}
+    return {module: names for module, names in found.items() if names}
 
 
-def test_the_check_itself_sees_a_forbidden_import():
-    # The ClientApp's local path trains, so it loads torch and Flower: the same check must notice them.
-    loaded = loaded_after_import("chemfl.client_app.local")
-    assert offenders(loaded, ("torch",)) and offenders(loaded, ("flwr",))
+@pytest.mark.parametrize("room, forbidden, why", RULES, ids=[room for room, _, _ in RULES])
+def test_every_module_of_a_room_loads_nothing_it_forbids(room, forbidden, why):
+    found = room_offenders(room, forbidden)
+    assert found == {}, f"{why}: { ({module: names[:5] for module, names in found.items()}) }"
+
+
+def test_the_check_itself_sees_a_forbidden_import_and_names_the_module():
+    # The ClientApp's local path trains, so it loads torch and Flower; the relay loads neither.
+    assert len(modules("chemfl.client_app")) > 3  # a room is every module under it
+    found = room_offenders("chemfl.client_app", ("torch",))
+    assert "chemfl.client_app.local" in found and "chemfl.client_app.relay" not in found
+    assert offenders(loaded_after_import("chemfl.client_app.local"), ("flwr",))

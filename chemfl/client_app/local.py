@@ -4,12 +4,11 @@ keep it warm, and the per-GPU deployment layout) and trained here through chemfl
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from functools import lru_cache
 from logging import WARNING
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 
 from chemfl.config import resolve
@@ -19,7 +18,7 @@ from chemfl.emulation import emulate_slowdown
 from chemfl.errors import ChemFLError
 from chemfl.hpc.walltime import remaining_walltime
 from chemfl.llm.evaluation import evaluate_at_facility
-from chemfl.llm.lora import exchanged_state, frozen_a_digest, load_exchanged_state
+from chemfl.llm.lora import frozen_a_digest, load_packed_state, packed_state
 from chemfl.llm.session import get_session
 from chemfl.llm.training import TrainSpec, batch_order_seed, train_local
 from chemfl.protocol import (
@@ -73,7 +72,8 @@ def _receive_adapter(session, msg: Message) -> Task:
             "this node's frozen LoRA A differs from the server's; both must use the same "
             "model.name, lora.* settings and lora.seed"
         )
-    load_exchanged_state(session.model, session.lora_spec, msg.content[ARRAYS].to_torch_state_dict())
+    received = {name: array.numpy() for name, array in msg.content[ARRAYS].items()}
+    load_packed_state(session.model, session.lora_spec, received, task.adapter_layout)
     return task
 
 
@@ -83,7 +83,7 @@ def train(msg: Message, context: Context) -> Message:
     session = get_session(config)
     shard = node_shard(config, context)
     task = _receive_adapter(session, msg)
-    spec = replace(spec, local_steps=task_local_steps(task.local_steps, spec.local_steps))
+    spec = spec.for_task(task_local_steps(task.local_steps, spec.local_steps), task.lr_scale)
     examples = _training_examples(session, shard, spec.max_length, str(config["model.system-prompt"]))
     seed = batch_order_seed(spec.seed, task.batch_order_key, shard.partition_id)
     cut_before = (examples.report.truncated, examples.report.dropped)
@@ -101,7 +101,9 @@ def train(msg: Message, context: Context) -> Message:
     report = TrainReport(len(examples), result.loss, result.steps, result.seconds, result.tokens_per_second)
     reply = RecordDict(
         {
-            ARRAYS: ArrayRecord(exchanged_state(session.model, session.lora_spec)),
+            ARRAYS: ArrayRecord(
+                {name: Array(value) for name, value in packed_state(session.model, session.lora_spec).items()}
+            ),
             METRICS: MetricRecord(report.to_metrics()),
             NODE: node_record(shard, context),
         }

@@ -11,13 +11,17 @@ from __future__ import annotations
 import hashlib
 import shutil
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
-from chemfl import files
+from chemfl import files, protocol
 from chemfl.errors import ChemFLError
 from chemfl.llm.model import LoraSpec
+from chemfl.llm.packing import AdapterLayout
 
 
 def attach_lora(model, spec: LoraSpec, quantized: bool):
@@ -95,6 +99,34 @@ def load_exchanged_state(peft_model, spec: LoraSpec, state: dict[str, torch.Tens
             if tuple(tensor.shape) != tuple(parameter.shape):
                 raise ChemFLError(f"received {key} has shape {tuple(tensor.shape)}, expected {tuple(parameter.shape)}")
             parameter.copy_(tensor.to(parameter.device, parameter.dtype))
+
+
+def adapter_layout(peft_model, spec: LoraSpec) -> AdapterLayout:
+    """The layout of this model's exchanged tensors in the packed vector."""
+    return AdapterLayout.of(exchanged_state(peft_model, spec))
+
+
+def packed_state(peft_model, spec: LoraSpec) -> dict[str, np.ndarray]:
+    """The adapter as it travels: {protocol.ADAPTER: one float32 vector} (chemfl.llm.packing)."""
+    state = exchanged_state(peft_model, spec)
+    return {protocol.ADAPTER: AdapterLayout.of(state).pack(state)}
+
+
+def load_packed_state(peft_model, spec: LoraSpec, packed: Mapping[str, Any], layout_digest: str | None) -> None:
+    """Load a received packed adapter; `layout_digest` (the task's) must match this model's layout."""
+    if set(packed) != {protocol.ADAPTER}:
+        raise ChemFLError(
+            f"received arrays {sorted(packed)[:3]}, expected the packed adapter {protocol.ADAPTER!r} alone; "
+            "server and nodes must run the same ChemFL version"
+        )
+    layout = adapter_layout(peft_model, spec)
+    if layout_digest is not None and layout_digest != layout.digest:
+        raise ChemFLError(
+            "received adapter's layout differs from this model's LoRA layout; server and nodes must share "
+            "model.name, lora.r, lora.target-modules, lora.freeze-a"
+        )
+    tensors = layout.unpack(np.array(packed[protocol.ADAPTER], dtype=np.float32))  # a writable copy
+    load_exchanged_state(peft_model, spec, {name: torch.from_numpy(value) for name, value in tensors.items()})
 
 
 def frozen_a_digest(peft_model) -> str:

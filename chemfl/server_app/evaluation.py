@@ -9,7 +9,6 @@ from collections.abc import Callable
 from logging import INFO
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.common.logger import log
 from rich.console import Console
@@ -17,8 +16,8 @@ from rich.table import Table
 
 from chemfl import protocol
 from chemfl.llm.evaluation import EvalSpec, evaluate
-from chemfl.llm.lora import load_exchanged_state
-from chemfl.protocol import EvalReport, EvaluationLine, RoundLine, TrainReport
+from chemfl.llm.lora import load_packed_state
+from chemfl.protocol import EvalReport, EvaluationLine, RoundLine, TrainReport, VersionLine
 
 
 class LocalEvaluation:
@@ -30,7 +29,7 @@ class LocalEvaluation:
         self.system_prompt = str(config["model.system-prompt"])
 
     def __call__(self, step: int, state: dict) -> dict:
-        load_exchanged_state(self.session.model, self.session.lora_spec, state)
+        load_packed_state(self.session.model, self.session.lora_spec, state, None)
         return evaluate(
             self.session.model,
             self.session.tokenizer,
@@ -83,7 +82,7 @@ class CentralEvaluator:
 
     def keep(self, step_name: str, step: int, state: dict, result: dict) -> None:
         """Save the evaluated adapter and remember its result (for the before/after table)."""
-        load_exchanged_state(self.adapter_model, self.lora_spec, state)
+        load_packed_state(self.adapter_model, self.lora_spec, state, None)
         if self.keep_every_adapter:
             self.outputs.save_adapter(self.adapter_model, f"adapter-{step_name}-{step}")
         self.outputs.save_adapter(self.adapter_model, "adapter")
@@ -93,8 +92,7 @@ class CentralEvaluator:
         """A facility's evaluation of an asynchronous version came back (eval.at): keep it and
         write its evaluation line."""
         result["seconds"] = wall_time - request.requested_at
-        state = {name: torch.from_numpy(np.asarray(value)) for name, value in request.params.items()}
-        self.keep("version", request.step, state, result)
+        self.keep("version", request.step, request.params, result)
         line = EvaluationLine(request.step, request.requested_at, wall_time, facility, float(result["loss"]), result)
         self.outputs.append_metrics(protocol.to_json(line))
         log(INFO, "version %d evaluated at %s: test loss %.3f", request.step, facility, result["loss"])
@@ -104,18 +102,31 @@ class CentralEvaluator:
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Flower's `evaluate_fn` for synchronous rounds: evaluates when due, writes the round line."""
-        result = (
-            self.evaluate_state("round", server_round, arrays.to_torch_state_dict()) if self.due(server_round) else None
-        )
+        result = self.evaluate_state("round", server_round, numpy_state(arrays)) if self.due(server_round) else None
         stats = self.rounds.get(server_round, {})
         line = RoundLine(round=server_round, wall_time=time.perf_counter() - self.started, eval=result, **stats)
         self.outputs.append_metrics(protocol.to_json(line))
         log(INFO, "%s", progress_line(line, self.num_rounds))
         return None if result is None else metric_record(result)
 
+    def with_result(self, line: dict) -> dict:
+        """A metrics line of the asynchronous loop, with the full result (per-task metrics) added to
+        a version line this process has just evaluated: the loop itself sees only the loss, and round
+        lines carry theirs."""
+        last = self.history[-1] if self.history else {}
+        evaluated = line.get("event") == VersionLine.EVENT and line.get("eval_loss") is not None
+        if evaluated and last.get("version") == line.get("version"):
+            return {**line, "eval": last["eval"]}
+        return line
+
     def evaluate_version(self, version: int, arrays: ArrayRecord) -> MetricRecord:
         """`evaluate_fn` for the asynchronous strategies: they decide when, and write version lines."""
-        return metric_record(self.evaluate_state("version", version, arrays.to_torch_state_dict()))
+        return metric_record(self.evaluate_state("version", version, numpy_state(arrays)))
+
+
+def numpy_state(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    """The packed adapter of a record, as the evaluations and saves take it."""
+    return {name: array.numpy() for name, array in arrays.items()}
 
 
 def metric_record(result: dict) -> MetricRecord:

@@ -70,8 +70,8 @@ class FacilityEvaluation:
     # --- synchronous use (Flower's FedAvg calls evaluate_fn and waits) ----------------------------
 
     def evaluate_state(self, step: int, state: dict) -> dict:
-        """CentralEvaluator's `run_evaluation` for synchronous rounds: torch tensors in, result out."""
-        return self.evaluate_now(step, {name: tensor.numpy() for name, tensor in state.items()})
+        """CentralEvaluator's `run_evaluation` for synchronous rounds: the packed adapter in, result out."""
+        return self.evaluate_now(step, state)
 
     def evaluate_now(self, step: int, params: Params, poll_seconds: float = 0.2) -> dict:
         results: dict[int, dict] = {}

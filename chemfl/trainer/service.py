@@ -18,10 +18,8 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from chemfl.config import Scalar
 from chemfl.data_prep.formatting import LazyExamples
@@ -29,7 +27,7 @@ from chemfl.data_prep.shards import Shard, load_slice, load_test_set
 from chemfl.errors import ChemFLError
 from chemfl.hpc.walltime import remaining_walltime
 from chemfl.llm.evaluation import evaluate_at_facility
-from chemfl.llm.lora import exchanged_state, frozen_a_digest, load_exchanged_state
+from chemfl.llm.lora import frozen_a_digest, load_packed_state, packed_state
 from chemfl.llm.model import ModelSpec
 from chemfl.llm.session import get_session
 from chemfl.llm.training import TrainResult, TrainSpec, batch_order_seed, train_local
@@ -87,7 +85,7 @@ class RankReplica:
     def train(self, command: Command) -> TrainResult:
         """Start from rank 0's adapter, then `command.steps` data-parallel steps (every rank calls this)."""
         self.group.broadcast_adapter(self.session.model)
-        spec = replace(self.spec, local_steps=command.steps)
+        spec = self.spec.for_task(command.steps, command.lr_scale)
         logger.info("training %d steps", command.steps)
         pad_id = self.session.tokenizer.pad_token_id
         return train_local(
@@ -188,12 +186,11 @@ class RankZero:
             steps = task_local_steps(task.local_steps, self.replica.spec.local_steps)
             self.estimate.check_fits(steps, remaining_walltime(self._node_config()))
             seed = batch_order_seed(self.replica.spec.seed, task.batch_order_key, self.replica.shard.partition_id)
-            admitted = Admitted("train", Command("train", steps, seed))
+            admitted = Admitted("train", Command("train", steps, seed, task.lr_scale))
         elif task.evaluate_on == Task.TEST_SET:
             self.test_set()  # read now: a missing test set is a refusal
             admitted = Admitted("evaluate", on_test_set=True)
-        received = {name: torch.from_numpy(array) for name, array in request.arrays.items()}
-        load_exchanged_state(self.model, lora_spec, received)
+        load_packed_state(self.model, lora_spec, request.arrays, task.adapter_layout)
         return admitted
 
     def answer(self, admitted: Admitted) -> TrainerReply:
@@ -220,8 +217,7 @@ class RankZero:
                 self.replica.spec.max_length,
             )
         report = TrainReport(len(examples), result.loss, result.steps, result.seconds, result.tokens_per_second)
-        trained = exchanged_state(self.model, self.replica.session.lora_spec)
-        arrays = {name: tensor.numpy() for name, tensor in trained.items()}
+        arrays = packed_state(self.model, self.replica.session.lora_spec)
         return TrainerReply(arrays, report.to_metrics(), self.replica.shard.facility)
 
     def _evaluate(self, on_test_set: bool) -> TrainerReply:

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from chemfl.client_app.app import evaluate_node, train
 from chemfl.config import resolve
 from chemfl.data_prep.build import BuildSpec, build_dataset
 from chemfl.errors import ChemFLError
-from chemfl.llm.lora import exchanged_state
+from chemfl.llm.lora import adapter_layout, packed_state
 from chemfl.llm.session import get_session
 from chemfl.protocol import TrainReport
 from tests.tiny import save_tiny_llama
@@ -41,10 +41,12 @@ def setup(tmp_path_factory):
 
 def message(config, message_type="train"):
     session = get_session(config)
+    packed = packed_state(session.model, session.lora_spec)
+    layout = adapter_layout(session.model, session.lora_spec).digest
     content = RecordDict(
         {
-            "arrays": ArrayRecord(exchanged_state(session.model, session.lora_spec)),
-            "config": ConfigRecord({"server-round": 1}),
+            "arrays": ArrayRecord({name: Array(value) for name, value in packed.items()}),
+            "config": ConfigRecord({"server-round": 1, "adapter-layout": layout}),
         }
     )
     return Message(content=content, dst_node_id=7, message_type=message_type)
@@ -60,9 +62,11 @@ def test_only_adapter_tensors_and_named_scalars_leave_the_node(setup):
     content = reply.content
     assert set(content.keys()) == {"arrays", "metrics", "node"}
     arrays = content["arrays"]
-    assert set(arrays.keys()) == set(sent.content["arrays"].keys())  # the adapter's own tensors only
-    for key, array in arrays.items():
-        assert (".lora_A." in key or ".lora_B." in key) and array.dtype == "float32"
+    assert list(arrays.keys()) == ["adapter"]  # one packed vector (chemfl.llm.packing) ...
+    session = get_session(setup)
+    layout = adapter_layout(session.model, session.lora_spec)
+    assert all(".lora_A." in name or ".lora_B." in name for name in layout.names)  # ... of adapter tensors only
+    assert arrays["adapter"].dtype == "float32" and tuple(arrays["adapter"].shape) == (layout.size,)
     assert set(content["metrics"].keys()) == set(TrainReport.KEYS.values())
     assert all(isinstance(value, (int, float)) for value in content["metrics"].values())
     assert dict(content["node"]) == {"facility": "aurora"}  # the facility's name, no data
@@ -70,6 +74,16 @@ def test_only_adapter_tensors_and_named_scalars_leave_the_node(setup):
     received = arrays.to_torch_state_dict()
     original = sent.content["arrays"].to_torch_state_dict()
     assert any(not torch.equal(received[k], original[k]) for k in received)
+
+
+def test_an_adapter_of_another_layout_is_refused_before_training(setup):
+    node = context(setup, {"partition-id": 0, "num-partitions": 2})
+    with pytest.raises(ChemFLError, match="layout differs from this model's LoRA layout"):
+        train(message_with(setup, **{"adapter-layout": "0" * 16}), node)
+    truncated = message(setup)
+    truncated.content["arrays"] = ArrayRecord({"adapter": Array(truncated.content["arrays"]["adapter"].numpy()[:-1])})
+    with pytest.raises(ChemFLError, match="values in shape"):
+        train(truncated, node)
 
 
 def test_evaluate_handler_reports_validation_loss(setup):

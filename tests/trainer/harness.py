@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from chemfl.llm.lora import attach_lora, exchanged_state
+from chemfl.llm.lora import attach_lora, packed_state
 from chemfl.llm.model import LoraSpec, ModelSpec, load_base_model
 from chemfl.trainer.channel import TrainerClient, write_secret
 from tests.trainer.conftest import TrainerSetup
@@ -33,8 +33,8 @@ def fresh_adapter(config: dict) -> tuple[object, object]:
 
 
 def as_arrays(model, config: dict) -> dict[str, np.ndarray]:
-    """The exchanged adapter as the relay sends it."""
-    return {name: tensor.numpy() for name, tensor in exchanged_state(model, LoraSpec.from_config(config)).items()}
+    """The exchanged adapter as the relay sends it: packed into one vector."""
+    return packed_state(model, LoraSpec.from_config(config))
 
 
 def max_difference(first: dict[str, np.ndarray], second: dict[str, np.ndarray]) -> float:

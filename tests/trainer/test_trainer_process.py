@@ -11,7 +11,8 @@ from accelerate import Accelerator
 
 from chemfl.data_prep.formatting import LazyExamples
 from chemfl.data_prep.shards import load_shard
-from chemfl.llm.lora import frozen_a_digest
+from chemfl.llm.lora import adapter_layout, frozen_a_digest
+from chemfl.llm.model import LoraSpec
 from chemfl.llm.training import TrainSpec, batch_order_seed, train_local
 from chemfl.protocol import EvalReport, TrainReport
 from chemfl.trainer.channel import TrainerError
@@ -61,8 +62,10 @@ def test_a_request_with_other_knobs_is_refused_and_the_trainer_keeps_serving(tra
     sent = as_arrays(fresh_adapter(config)[0], config)
     with pytest.raises(TrainerError, match=r"refused: .*train\.lr \(trainer 0\.01, request 0\.02\)"):
         trainer.client().request("train", {"server-round": 1}, {**config, "train.lr": 0.02}, sent)
-    with pytest.raises(TrainerError, match="does not fit"):
-        trainer.client().request("train", {"server-round": 1}, config, dict(list(sent.items())[1:]))
+    with pytest.raises(TrainerError, match="LoRA layout needs"):
+        trainer.client().request("train", {"server-round": 1}, config, {"adapter": sent["adapter"][1:]})
+    with pytest.raises(TrainerError, match="layout differs"):
+        trainer.client().request("train", {"server-round": 1, "adapter-layout": "0" * 16}, config, sent)
     assert trainer.client().facility() == "polaris"
 
 
@@ -106,7 +109,9 @@ def test_one_rank_with_ffa_lora_on_a_slice_checks_the_frozen_a_and_evaluates_on_
             client.request("train", {"server-round": 1, "lora-a-digest": "0" * 64}, config, sent)
         task = {"server-round": 1, "lora-a-digest": frozen_a_digest(model)}
         reply = client.request("train", task, config, sent)
-        assert list(reply.arrays) == list(sent) and all(".lora_B." in name for name in sent)
+        layout = adapter_layout(model, LoraSpec.from_config(config))
+        assert list(reply.arrays) == list(sent) and all(".lora_B." in name for name in layout.names)
+        assert reply.arrays["adapter"].shape == (layout.size,)
         assert reply.metrics["num-examples"] == len(load_shard(trainer_setup.shard).train[1::2])
         evaluated = client.request("evaluate", {**task, "evaluate-on": "test"}, config, reply.arrays)
         assert evaluated.evaluation["n_loss"] == evaluated.metrics["num-examples"] > 0
