@@ -30,6 +30,8 @@ from chemfl.server_app.rules import (
     FedAsyncRule,
     FedAvgRoundsRule,
     FedBuffRule,
+    FedCompassRule,
+    FedQueueRule,
     NodeView,
     TaskOutcome,
     Update,
@@ -37,7 +39,7 @@ from chemfl.server_app.rules import (
 )
 
 Params = dict[str, np.ndarray]
-Rule = FedBuffRule | FedAsyncRule | FedAvgRoundsRule
+Rule = FedBuffRule | FedAsyncRule | FedAvgRoundsRule | FedCompassRule | FedQueueRule
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,8 @@ class AsyncRun:
     # --- dispatch ------------------------------------------------------------------------------
 
     def _dispatch(self) -> None:
+        # Rules that aggregate on a clock (a group's deadline, a round's forced end) publish here.
+        self._publish(self.strategy.due(self.state.params, self.state.version, self.elapsed()))
         online = set(self.grid.get_node_ids())
         for node_id in [n for n in self.in_flight if n not in online]:
             self._lose(node_id, "node left the online list")
@@ -197,8 +201,14 @@ class AsyncRun:
         )
         for node_id in [n for n in candidates if n in plans]:
             self.state.task_counter += 1
-            steps = plans[node_id].local_steps
-            task = Task(server_round=self.state.version, task_id=self.state.task_counter, local_steps=steps)
+            plan = plans[node_id]
+            steps = plan.local_steps
+            task = Task(
+                server_round=self.state.version,
+                task_id=self.state.task_counter,
+                local_steps=steps,
+                lr_scale=plan.lr_scale,
+            )
             content = {
                 self.keys.arrays: to_record(self.state.params),
                 self.keys.config: ConfigRecord({**self.train_config, **task.to_config()}),

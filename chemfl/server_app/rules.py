@@ -8,10 +8,16 @@ many local steps), `submit` (one validated update; the new global adapter when a
 published, else None) and `discard` (work that was lost or rejected). `observe` hears about every
 finished or lost task (timings, remaining walltime). Buffers and optimizer state are plain data,
 so the run loop can checkpoint and restore them exactly.
+
+FedCompass and FedQueue also aggregate on a clock (a group's deadline, a round's forced end): they
+answer `due(current, version, now)` (the new global adapter when a deadline has passed) and
+`next_due()` (when the next one falls, so a virtual clock can stop there); the loop asks `due`
+before every dispatch, and the rules that aggregate on arrivals only answer None.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -54,6 +60,7 @@ class NodeView:
 @dataclass(frozen=True)
 class TaskPlan:
     local_steps: int | None = None  # None: train.local-steps
+    lr_scale: float | None = None  # FedQueue: the task trains at train.lr x this (None: train.lr)
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,12 @@ class EveryIdleNode:
 
     def discard(self, current: Params, outcome: TaskOutcome) -> dict[str, np.ndarray] | None:
         return None  # lost work changes nothing
+
+    def due(self, current: Params, version: int, now: float) -> dict[str, np.ndarray] | None:
+        return None  # aggregates on arrivals only, never on a clock
+
+    def next_due(self) -> float | None:
+        return None
 
 
 @dataclass
@@ -321,3 +334,480 @@ class WalltimeAwareRule(FedAsyncRule):
             estimate.online_since, estimate.offline_since = now, None
             estimate.job_end = now + estimate.job_seconds if estimate.job_seconds else None
         return estimate
+
+
+# --- Rules that aggregate on a clock --------------------------------------------------------------
+
+
+@dataclass
+class Buffered:
+    """An update held until the aggregation that uses it."""
+
+    node_id: int
+    facility: str
+    version_sent: int
+    steps: int  # the local steps its task was given
+    params: dict[str, np.ndarray]
+
+
+def _as_dtypes(current: Params, values: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {name: np.asarray(value).astype(np.asarray(current[name]).dtype) for name, value in values.items()}
+
+
+def _base(current: Params, published: dict[str, np.ndarray] | None) -> Params:
+    """What the next aggregation in the same call starts from: what was just published, else `current`."""
+    return current if published is None else published
+
+
+def ema(old: float | None, new: float, weight_of_new: float) -> float:
+    """Exponential moving average; the first observation is taken as it is."""
+    return new if old is None else weight_of_new * new + (1 - weight_of_new) * old
+
+
+@dataclass
+class ArrivalGroup:
+    """FedCompass's arrival group: nodes whose tasks were sized to arrive together."""
+
+    expected: float  # when its members should arrive
+    latest: float  # its deadline: created + latest_time_factor x (expected - created)
+    pending: dict[int, str] = field(default_factory=dict)  # members still training -> their facility
+    arrived: dict[int, Buffered] = field(default_factory=dict)  # members' updates, waiting for the group
+    closed: bool = False  # aggregated or past its deadline: nobody joins, later members are late
+
+
+@dataclass(frozen=True)
+class CompassTask:
+    group: int | None  # None: the node's first task (its speed unknown), aggregated alone on arrival
+    facility: str
+    steps: int
+
+
+@dataclass
+class FedCompassRule:
+    """FedCompass (Li et al., ICLR 2024): a computing-power-aware scheduler, as in APPFL's
+    CompassScheduler and FedCompassAggregator (the authors' code).
+
+    - Speed: each facility's seconds per step S_i is a moving average of (arrival - dispatch) /
+      steps; the newest measurement weighs `speed_momentum`. A node's first task, before its
+      speed is known, has Q_max steps and is mixed in alone when it arrives.
+    - Groups: a node given work joins the open group whose expected arrival T_a it can reach with
+      Q = floor((T_a - now) / S_i) in [Q_min, Q_max] steps (the largest such Q), so a slower node
+      gets fewer steps; failing that it founds a group, with Q sized so that it arrives one Q_max
+      of the group's fastest member after an existing group's deadline (Q_min at least; Q_max when
+      no group is open); its deadline is now + Q S_i x `latest_time_factor`. Nodes are assigned
+      fastest first.
+    - Aggregation: when every member has arrived, or at the deadline with those that have, the
+      group's updates and the late updates kept since the last aggregation are mixed in:
+      x <- (1 - sum_i a_i) x + sum_i a_i y_i, a_i = alpha s(tau_i) / N (N = `num_clients`, or the
+      number of updates if more); s is the staleness function, updates past `max_staleness` weigh
+      0. Members wait for their group; a member arriving after the deadline is late: its update
+      is kept for the next group aggregation and it gets new work at once. A member whose work is
+      lost or rejected leaves its group (a group whose other members have all arrived then
+      aggregates at once).
+    """
+
+    alpha: float
+    staleness: Staleness
+    max_staleness: int | None
+    min_steps: int
+    max_steps: int
+    speed_momentum: float
+    latest_time_factor: float
+    num_clients: int
+    speeds: dict[str, float] = field(default_factory=dict, repr=False)  # facility -> seconds per step
+    tasks: dict[int, CompassTask] = field(default_factory=dict, repr=False)  # node -> its task in flight
+    groups: dict[int, ArrivalGroup] = field(default_factory=dict, repr=False)
+    late: dict[int, Buffered] = field(default_factory=dict, repr=False)  # merged into the next group aggregation
+    clock: float = field(default=0.0, repr=False)
+    version: int = field(default=0, repr=False)
+    next_group: int = field(default=0, repr=False)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.alpha <= 1:
+            raise ValueError(f"strategy.fedcompass-alpha = {self.alpha} must be in (0, 1]")
+        if not 1 <= self.min_steps <= self.max_steps:
+            raise ValueError(
+                f"need 1 <= strategy.fedcompass-min-steps ({self.min_steps}) <= strategy.fedcompass-max-steps "
+                f"({self.max_steps})"
+            )
+        if not 0 < self.speed_momentum <= 1:
+            raise ValueError(
+                f"strategy.fedcompass-speed-momentum = {self.speed_momentum} must be in (0, 1] (the newest "
+                "speed measurement's weight)"
+            )
+        if self.latest_time_factor < 1:
+            raise ValueError(
+                f"strategy.fedcompass-latest-time-factor = {self.latest_time_factor} must be >= 1 (a group's "
+                "deadline cannot come before its expected arrival)"
+            )
+        if self.num_clients < 1:
+            raise ValueError(f"FedCompass needs at least one client (data.facilities), not {self.num_clients}")
+
+    # --- dispatch --------------------------------------------------------------------------------
+
+    def plan_dispatch(self, idle: list[NodeView], in_flight: int, online: int) -> dict[int, TaskPlan]:
+        self.clock = max([self.clock, *(node.now for node in idle)])
+        waiting = {node for group in self.groups.values() for node in group.arrived}
+        ready = [node for node in idle if node.node_id not in waiting]
+        plans = {}
+        for node in sorted(ready, key=lambda n: (self.speeds.get(n.facility, math.inf), n.node_id)):  # fastest first
+            if node.facility in self.speeds:
+                group, steps = self._assign(node.facility, node.now)
+            else:
+                group, steps = None, self.max_steps
+            self.tasks[node.node_id] = CompassTask(group, node.facility, steps)
+            if group is not None:
+                self.groups[group].pending[node.node_id] = node.facility
+            plans[node.node_id] = TaskPlan(steps)
+        return plans
+
+    def _assign(self, facility: str, now: float) -> tuple[int, int]:
+        """(group, local steps) for a node of `facility` given work now: join a group, else found one."""
+        speed = self.speeds[facility]
+        best, best_steps = None, -1
+        for number, group in self.groups.items():
+            steps = math.floor((group.expected - now) / speed)
+            if not group.closed and self.min_steps <= steps <= self.max_steps and steps >= best_steps:
+                best, best_steps = number, steps
+        if best is not None:
+            return best, best_steps
+        steps = self._founding_steps(speed, now)
+        number, self.next_group = self.next_group, self.next_group + 1
+        self.groups[number] = ArrivalGroup(now + steps * speed, now + steps * speed * self.latest_time_factor)
+        return number, steps
+
+    def _founding_steps(self, speed: float, now: float) -> int:
+        """A new group's steps: arrive one Q_max of an open group's fastest member after its deadline."""
+        steps = -1
+        for group in self.groups.values():
+            if group.closed or now >= group.latest:
+                continue
+            members = [*group.pending.values(), *(entry.facility for entry in group.arrived.values())]
+            fastest = min(self.speeds[facility] for facility in members)
+            reach = math.floor((group.latest + fastest * self.max_steps - now) / speed)
+            if reach <= self.max_steps:
+                steps = max(steps, reach)
+        return self.max_steps if steps < 0 else max(steps, self.min_steps)
+
+    # --- arrivals --------------------------------------------------------------------------------
+
+    def observe(self, outcome: TaskOutcome) -> None:
+        self.clock = max(self.clock, outcome.finished)
+        task = self.tasks.get(outcome.node_id)
+        if outcome.lost or task is None:
+            return
+        measured = (outcome.finished - outcome.dispatched) / task.steps
+        self.speeds[outcome.facility] = ema(self.speeds.get(outcome.facility), measured, self.speed_momentum)
+
+    def submit(
+        self, current: Params, version: int, sent: Mapping, update: Update
+    ) -> tuple[Verdict, dict[str, np.ndarray] | None]:
+        self.version = version
+        published = self._expire(current, inclusive=False)
+        verdict = admit(version, update, self.staleness, self.max_staleness)
+        task = self.tasks.pop(update.node_id, None)
+        if not verdict.accepted:
+            complete = self._leave(update.node_id, task)
+        else:
+            steps = task.steps if task is not None else self.max_steps
+            facility = task.facility if task is not None else str(update.node_id)
+            entry = Buffered(update.node_id, facility, update.version_sent, steps, update.params)
+            if task is None or task.group is None:  # a first task: mixed in alone (APPFL's single update)
+                return verdict, self._published(self._mix(_base(current, published), [entry]))
+            complete = self._arrive(entry, task.group)
+        if complete is not None:
+            published = self._aggregate_group(_base(current, published), complete)
+        return verdict, self._published(published)
+
+    def discard(self, current: Params, outcome: TaskOutcome) -> dict[str, np.ndarray] | None:
+        published = self._expire(current, inclusive=False)
+        complete = self._leave(outcome.node_id, self.tasks.pop(outcome.node_id, None))
+        if complete is not None:
+            published = self._aggregate_group(_base(current, published), complete)
+        return self._published(published)
+
+    def _arrive(self, entry: Buffered, number: int) -> int | None:
+        """Files a member's update; the group's number when it is now complete."""
+        group = self.groups.get(number)
+        if group is None or group.closed or self.clock > group.latest:  # late: kept for the next aggregation
+            self._leave(entry.node_id, CompassTask(number, entry.facility, entry.steps))
+            self.late[entry.node_id] = entry
+            return None
+        del group.pending[entry.node_id]
+        group.arrived[entry.node_id] = entry
+        return None if group.pending else number
+
+    def _leave(self, node_id: int, task: CompassTask | None) -> int | None:
+        """Takes a member that will not arrive out of its group; the group's number when the
+        members left have all arrived (it aggregates now)."""
+        group = None if task is None or task.group is None else self.groups.get(task.group)
+        if group is None or node_id not in group.pending:
+            return None
+        del group.pending[node_id]
+        if group.pending:
+            return None
+        if group.arrived and not group.closed:
+            return task.group
+        del self.groups[task.group]
+        return None
+
+    # --- aggregation -----------------------------------------------------------------------------
+
+    def due(self, current: Params, version: int, now: float) -> dict[str, np.ndarray] | None:
+        """Aggregates every group whose deadline has passed by `now` (with the members that arrived)."""
+        self.version, self.clock = version, max(self.clock, now)
+        return self._published(self._expire(current, inclusive=True))
+
+    def next_due(self) -> float | None:
+        """The next deadline at which a group with arrived members would aggregate."""
+        deadlines = [g.latest for g in self.groups.values() if g.arrived and not g.closed and g.latest > self.clock]
+        return min(deadlines, default=None)
+
+    def _expire(self, current: Params, inclusive: bool) -> dict[str, np.ndarray] | None:
+        published = None
+        for number, group in sorted(self.groups.items(), key=lambda item: item[1].latest):
+            passed = group.latest < self.clock or (inclusive and group.latest <= self.clock)
+            if group.closed or not passed:
+                continue
+            if group.arrived:
+                published = self._aggregate_group(_base(current, published), number)
+            else:
+                group.closed = True
+        return published
+
+    def _aggregate_group(self, current: Params, number: int) -> dict[str, np.ndarray]:
+        group = self.groups[number]
+        entries = {**self.late, **group.arrived}
+        self.late, group.arrived, group.closed = {}, {}, True  # its members are free for new work
+        if not group.pending:
+            del self.groups[number]
+        return self._mix(current, list(entries.values()))
+
+    def _mix(self, current: Params, entries: list[Buffered]) -> dict[str, np.ndarray]:
+        """x <- (1 - sum_i a_i) x + sum_i a_i y_i with a_i = alpha s(tau_i) / N."""
+        share = self.alpha / max(self.num_clients, len(entries))
+        weights = [
+            share * staleness_weight(self.version - e.version_sent, self.staleness, self.max_staleness) for e in entries
+        ]
+        mixed = weighted_mean_of_deltas(
+            [current, *(e.params for e in entries)], [1.0 - sum(weights), *weights], divisor=1
+        )
+        return _as_dtypes(current, mixed)
+
+    def _published(self, params: dict[str, np.ndarray] | None) -> dict[str, np.ndarray] | None:
+        if params is not None:
+            self.version += 1
+        return params
+
+
+QUEUE_STALENESS = ("constant", "harmonic", "exponential")
+
+
+def queue_staleness_factor(name: str, beta: float, tau: int) -> float:
+    """FedQueue's phi(tau): constant 1, harmonic 1 / (1 + beta tau), exponential exp(-beta tau)."""
+    if name == "constant":
+        return 1.0
+    if name == "harmonic":
+        return 1.0 / (1.0 + beta * tau)
+    return math.exp(-beta * tau)
+
+
+def fedqueue_weights(factors: list[float], steps: list[int]) -> list[float]:
+    """FedQueue's aggregation weights: phi(tau_k) E_k / sum_j E_j, normalised to sum to 1."""
+    total_steps = sum(steps)
+    raw = [factor * step / total_steps for factor, step in zip(factors, steps, strict=True)]
+    return [value / sum(raw) for value in raw]
+
+
+@dataclass(frozen=True)
+class QueueTask:
+    facility: str
+    steps: int
+    delay: float  # seconds from the node's release (its round's start) to this dispatch
+    admitted: bool  # delay <= predicted wait + admission x T_sync: counted in its own round
+
+
+@dataclass
+class FedQueueRule:
+    """FedQueue (Li et al., arXiv 2605.02125, 2026): queue-aware semi-synchronous rounds, as in
+    APPFL's QueueScheduler and FedQueueAggregator (the authors' code).
+
+    - Queue delay: a task's delay q is the time from its node's release (the start of the round
+      that wants its update) to its dispatch: zero while the facility's batch job runs, the rest
+      of its queue wait when its job has ended. The predicted wait q_hat of a facility is a moving
+      average of its delays (starting at `q_init`; the newest weighs `queue_alpha`), and its
+      seconds per step s a moving average of what replies report (`compute_alpha`).
+    - Work budget: J = max(0.5, T_sync - q_hat - `safety_margin`) seconds, so a task asks for
+      max(floor(J / s), `min_steps`) local steps (a facility's first task, before s is known,
+      `min_steps`), at learning rate train.lr x min_steps_now / steps, where min_steps_now is the
+      fewest steps any facility would now be given (its first task: train.lr).
+    - Admission: an update whose delay is within q_hat + `admission` x T_sync belongs to its
+      round; a later one is buffered and merged into the next round's aggregation, with its
+      staleness. A node waits, after its update, until the aggregation that uses it.
+    - Aggregation: when updates (admitted or buffered) from `num_clients` nodes are in, or
+      (1 + `tolerance`) x T_sync after the previous aggregation (the first: after the first
+      arrival), x <- sum_k p_k y_k with p_k = phi(tau_k) E_k / sum_j E_j normalised to sum to 1
+      (E_k: its steps; phi: `staleness` constant | harmonic 1/(1 + beta tau) | exponential
+      exp(-beta tau)). Only buffered late updates in a round: they are used. Nothing at all: the
+      round ends with its next arrival.
+    """
+
+    t_sync: float
+    q_init: float
+    queue_alpha: float
+    compute_alpha: float
+    safety_margin: float
+    min_steps: int
+    admission: float
+    tolerance: float
+    staleness: str
+    staleness_beta: float
+    num_clients: int
+    run_start: float = field(default=0.0, repr=False)  # the loop's clock at the start (a resume's elapsed time)
+    queue_wait: dict[str, float] = field(default_factory=dict, repr=False)  # facility -> predicted delay q_hat
+    step_seconds: dict[str, float] = field(default_factory=dict, repr=False)  # facility -> seconds per step
+    tasks: dict[int, QueueTask] = field(default_factory=dict, repr=False)  # node -> its task in flight
+    released: dict[str, float] = field(default_factory=dict, repr=False)  # facility -> its round's start
+    waiting: set[int] = field(default_factory=set, repr=False)  # nodes whose update awaits aggregation
+    admitted: dict[int, Buffered] = field(default_factory=dict, repr=False)
+    late: list[Buffered] = field(default_factory=list, repr=False)
+    deadline: float | None = field(default=None, repr=False)  # the forced aggregation
+    clock: float = field(default=0.0, repr=False)
+    version: int = field(default=0, repr=False)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.t_sync > 0, f"strategy.fedqueue-t-sync = {self.t_sync} must be > 0 seconds"),
+            (self.q_init >= 0, f"strategy.fedqueue-queue-init = {self.q_init} must be >= 0 seconds"),
+            (0 < self.queue_alpha <= 1, f"strategy.fedqueue-queue-alpha = {self.queue_alpha} must be in (0, 1]"),
+            (0 < self.compute_alpha <= 1, f"strategy.fedqueue-compute-alpha = {self.compute_alpha} must be in (0, 1]"),
+            (self.safety_margin >= 0, f"strategy.fedqueue-safety-margin = {self.safety_margin} must be >= 0"),
+            (self.min_steps >= 1, f"strategy.fedqueue-min-steps = {self.min_steps} must be >= 1"),
+            (self.admission >= 0, f"strategy.fedqueue-admission = {self.admission} must be >= 0"),
+            (self.tolerance >= 0, f"strategy.fedqueue-tolerance = {self.tolerance} must be >= 0"),
+            (self.staleness_beta >= 0, f"strategy.fedqueue-staleness-beta = {self.staleness_beta} must be >= 0"),
+            (self.num_clients >= 1, f"FedQueue needs at least one client (data.facilities), not {self.num_clients}"),
+        ]
+        for ok, problem in checks:
+            if not ok:
+                raise ValueError(problem)
+        if self.staleness not in QUEUE_STALENESS:
+            raise ValueError(
+                f"strategy.fedqueue-staleness = {self.staleness!r}; use one of {', '.join(QUEUE_STALENESS)}"
+            )
+
+    # --- planning --------------------------------------------------------------------------------
+
+    def budget(self, facility: str) -> float:
+        """J: the seconds of work that fit a round after the predicted queue wait and the margin."""
+        return max(0.5, self.t_sync - self.queue_wait.get(facility, self.q_init) - self.safety_margin)
+
+    def planned_steps(self, facility: str) -> int:
+        seconds = self.step_seconds.get(facility)
+        if seconds is None:
+            return self.min_steps  # warm-up: nothing measured yet
+        return max(math.floor(self.budget(facility) / seconds), self.min_steps)
+
+    def lr_scale(self, facility: str) -> float:
+        """min_steps_now / steps: equal steps x learning rate across facilities (1 before a measurement)."""
+        if facility not in self.step_seconds:
+            return 1.0
+        fewest = min(self.planned_steps(other) for other in self.step_seconds)
+        return fewest / self.planned_steps(facility)
+
+    def plan_dispatch(self, idle: list[NodeView], in_flight: int, online: int) -> dict[int, TaskPlan]:
+        plans = {}
+        for node in idle:
+            self.clock = max(self.clock, node.now)
+            if node.node_id in self.waiting:
+                continue
+            predicted = self.queue_wait.get(node.facility, self.q_init)
+            delay = max(0.0, node.now - self.released.get(node.facility, self.run_start))
+            steps, scale = self.planned_steps(node.facility), self.lr_scale(node.facility)
+            admitted = delay <= predicted + self.admission * self.t_sync
+            self.tasks[node.node_id] = QueueTask(node.facility, steps, delay, admitted)
+            self.queue_wait[node.facility] = ema(predicted, delay, self.queue_alpha)
+            plans[node.node_id] = TaskPlan(steps, scale)
+        return plans
+
+    # --- arrivals --------------------------------------------------------------------------------
+
+    def observe(self, outcome: TaskOutcome) -> None:
+        self.clock = max(self.clock, outcome.finished)
+        if outcome.lost or not outcome.steps or not outcome.train_seconds:
+            return
+        per_step = outcome.train_seconds / outcome.steps
+        self.step_seconds[outcome.facility] = ema(self.step_seconds.get(outcome.facility), per_step, self.compute_alpha)
+
+    def submit(
+        self, current: Params, version: int, sent: Mapping, update: Update
+    ) -> tuple[Verdict, dict[str, np.ndarray] | None]:
+        self.version = version
+        published = self._expire(current, inclusive=False)
+        task = self.tasks.pop(update.node_id, None)
+        tau = version - update.version_sent
+        facility = task.facility if task is not None else str(update.node_id)
+        steps = task.steps if task is not None else self.min_steps
+        entry = Buffered(update.node_id, facility, update.version_sent, steps, update.params)
+        if task is None or task.admitted:
+            self.admitted[update.node_id] = entry
+        else:
+            self.late.append(entry)
+        self.waiting.add(update.node_id)
+        if self.deadline is None:
+            self.deadline = self.clock + (1 + self.tolerance) * self.t_sync
+        arrived = len(self.admitted) + len(self.late)
+        if arrived >= self.num_clients or self.clock >= self.deadline:
+            published = self._aggregate(_base(current, published), self.clock) or published
+        verdict = Verdict(tau, queue_staleness_factor(self.staleness, self.staleness_beta, tau), True)
+        return verdict, self._published(published)
+
+    def discard(self, current: Params, outcome: TaskOutcome) -> dict[str, np.ndarray] | None:
+        """Lost or rejected work: the node gets a new task when it is idle again; its delay still
+        counts from its round's start."""
+        published = self._expire(current, inclusive=False)
+        self.tasks.pop(outcome.node_id, None)
+        return self._published(published)
+
+    # --- aggregation -----------------------------------------------------------------------------
+
+    def due(self, current: Params, version: int, now: float) -> dict[str, np.ndarray] | None:
+        """The forced aggregation, when (1 + tolerance) x T_sync have passed since the last one."""
+        self.version, self.clock = version, max(self.clock, now)
+        return self._published(self._expire(current, inclusive=True))
+
+    def next_due(self) -> float | None:
+        pending = self.admitted or self.late
+        return self.deadline if pending and self.deadline is not None and self.deadline > self.clock else None
+
+    def _expire(self, current: Params, inclusive: bool) -> dict[str, np.ndarray] | None:
+        if self.deadline is None:
+            return None
+        passed = self.deadline < self.clock or (inclusive and self.deadline <= self.clock)
+        return self._aggregate(current, self.deadline) if passed else None
+
+    def _aggregate(self, current: Params, at: float) -> dict[str, np.ndarray] | None:
+        """The round's aggregation at time `at`; None when there is nothing to aggregate."""
+        carried = [entry for entry in self.late if entry.version_sent < self.version]  # late from earlier rounds
+        self.late = [entry for entry in self.late if entry.version_sent >= self.version]
+        used = [*self.admitted.values(), *carried] or self.late
+        if not used:
+            return None
+        if used is self.late:
+            self.late = []
+        self.admitted = {}
+        factors = [
+            queue_staleness_factor(self.staleness, self.staleness_beta, self.version - e.version_sent) for e in used
+        ]
+        weights = fedqueue_weights(factors, [entry.steps for entry in used])
+        aggregated = weighted_mean_of_deltas([entry.params for entry in used], weights, divisor=1)
+        for entry in used:
+            self.waiting.discard(entry.node_id)
+            self.released[entry.facility] = at
+        self.deadline = at + (1 + self.tolerance) * self.t_sync
+        return _as_dtypes(current, aggregated)
+
+    def _published(self, params: dict[str, np.ndarray] | None) -> dict[str, np.ndarray] | None:
+        if params is not None:
+            self.version += 1
+        return params

@@ -1,6 +1,6 @@
 """ChemFL's strategies as Flower strategies.
 
-`FedBuff`, `FedAsync`, `WalltimeAware` and `FedAvgRounds` subclass Flower's `Strategy`: their
+`FedBuff`, `FedAsync`, `WalltimeAware`, `FedCompass`, `FedQueue` and `FedAvgRounds` subclass Flower's `Strategy`: their
 `start(grid=..., initial_arrays=..., num_rounds=..., timeout=..., train_config=..., evaluate_fn=...)`
 runs the asynchronous push/pull loop (`async_loop`) and returns Flower's `Result`, so
 `FedBuff(buffer_size=3)` drops into any ServerApp where Flower's `FedAvg` would. The rules they run
@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import FedAvg, Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from chemfl import protocol
-from chemfl.config import DEFAULTS
+from chemfl.config import DEFAULTS, split_list
 from chemfl.protocol import NodeInfo, TrainReport
 from chemfl.server_app.aggregation import ServerOptimizer, Staleness
 from chemfl.server_app.async_loop import (
@@ -39,10 +39,18 @@ from chemfl.server_app.async_loop import (
     to_record,
 )
 from chemfl.server_app.checkpoint import AsyncState, Checkpointer
-from chemfl.server_app.rules import FedAsyncRule, FedAvgRoundsRule, FedBuffRule, WalltimeAwareRule
+from chemfl.server_app.rules import (
+    FedAsyncRule,
+    FedAvgRoundsRule,
+    FedBuffRule,
+    FedCompassRule,
+    FedQueueRule,
+    WalltimeAwareRule,
+)
 from chemfl.server_app.strategy_spec import StrategySpec
 
 RoundListener = Callable[[int, dict], None]
+DEFAULT_CLIENTS = len(split_list(str(DEFAULTS["data.facilities"])))  # N of FedCompass and FedQueue: data.facilities
 MetricsAggregation = Callable[[list[RecordDict], str], MetricRecord]
 
 
@@ -200,6 +208,8 @@ class AsynchronousStrategy(Strategy):
             updates_by_version.setdefault(version, []).append(RecordDict({protocol.METRICS: MetricRecord(metrics)}))
 
         state = hooks.resume_state or AsyncState(params={name: array.numpy() for name, array in initial_arrays.items()})
+        if isinstance(self.rule, FedQueueRule):  # queue delays count from the loop's clock at the start
+            self.rule.run_start = state.elapsed
         run = AsyncRun(
             grid=grid,
             strategy=self.rule,
@@ -334,6 +344,83 @@ class WalltimeAware(AsynchronousStrategy):
         super().__init__(rule, **loop)  # type: ignore[arg-type]
 
 
+class FedCompass(AsynchronousStrategy):
+    """FedCompass (Li et al., ICLR 2024): computing-power-aware semi-asynchronous aggregation. Each
+    facility's seconds per step is learnt (moving average, newest weight `speed_momentum`); a task
+    gets Q in [`min_local_steps`, `max_local_steps`] steps so that a group of nodes arrives
+    together; a group aggregates when all its members are in or at its deadline (expected arrival
+    x `latest_time_factor`): x <- (1 - sum a_i) x + sum a_i y_i, a_i = `alpha` s(tau_i) / `num_clients`,
+    late updates joining the next group aggregation (rules.FedCompassRule).
+    """
+
+    def __init__(
+        self,
+        alpha: float = float(DEFAULTS["strategy.fedcompass-alpha"]),
+        staleness: str = str(DEFAULTS["strategy.staleness"]),
+        staleness_a: float = float(DEFAULTS["strategy.staleness-a"]),
+        staleness_b: float = float(DEFAULTS["strategy.staleness-b"]),
+        max_staleness: int | None = None,
+        min_local_steps: int = int(DEFAULTS["strategy.fedcompass-min-steps"]),
+        max_local_steps: int = int(DEFAULTS["strategy.fedcompass-max-steps"]),
+        speed_momentum: float = float(DEFAULTS["strategy.fedcompass-speed-momentum"]),
+        latest_time_factor: float = float(DEFAULTS["strategy.fedcompass-latest-time-factor"]),
+        num_clients: int = DEFAULT_CLIENTS,
+        **loop: object,
+    ) -> None:
+        rule = FedCompassRule(
+            alpha=alpha,
+            staleness=Staleness(staleness, staleness_a, staleness_b),
+            max_staleness=max_staleness,
+            min_steps=min_local_steps,
+            max_steps=max_local_steps,
+            speed_momentum=speed_momentum,
+            latest_time_factor=latest_time_factor,
+            num_clients=num_clients,
+        )
+        super().__init__(rule, **loop)  # type: ignore[arg-type]
+
+
+class FedQueue(AsynchronousStrategy):
+    """FedQueue (Li et al., arXiv 2605.02125, 2026): queue-aware rounds of `t_sync` seconds. Each
+    facility's queue delay is predicted (moving average from `queue_init`); a task gets
+    max(floor(J / seconds per step), `min_local_steps`) steps with J = max(0.5, t_sync - predicted
+    wait - `safety_margin`) and learning-rate scale fewest steps / its steps; updates delayed past
+    the predicted wait + `admission` x t_sync join the next round with their staleness; a round is
+    aggregated when `num_clients` updates are in or (1 + `tolerance`) x t_sync after the last:
+    x <- sum_k p_k y_k, p_k = phi(tau_k) E_k / sum_j E_j normalised (rules.FedQueueRule).
+    """
+
+    def __init__(
+        self,
+        t_sync: float = float(DEFAULTS["strategy.fedqueue-t-sync"]),
+        queue_init: float = float(DEFAULTS["strategy.fedqueue-queue-init"]),
+        queue_alpha: float = float(DEFAULTS["strategy.fedqueue-queue-alpha"]),
+        compute_alpha: float = float(DEFAULTS["strategy.fedqueue-compute-alpha"]),
+        safety_margin: float = float(DEFAULTS["strategy.fedqueue-safety-margin"]),
+        min_local_steps: int = int(DEFAULTS["strategy.fedqueue-min-steps"]),
+        admission: float = float(DEFAULTS["strategy.fedqueue-admission"]),
+        tolerance: float = float(DEFAULTS["strategy.fedqueue-tolerance"]),
+        staleness: str = str(DEFAULTS["strategy.fedqueue-staleness"]),
+        staleness_beta: float = float(DEFAULTS["strategy.fedqueue-staleness-beta"]),
+        num_clients: int = DEFAULT_CLIENTS,
+        **loop: object,
+    ) -> None:
+        rule = FedQueueRule(
+            t_sync=t_sync,
+            q_init=queue_init,
+            queue_alpha=queue_alpha,
+            compute_alpha=compute_alpha,
+            safety_margin=safety_margin,
+            min_steps=min_local_steps,
+            admission=admission,
+            tolerance=tolerance,
+            staleness=staleness,
+            staleness_beta=staleness_beta,
+            num_clients=num_clients,
+        )
+        super().__init__(rule, **loop)  # type: ignore[arg-type]
+
+
 class FedAvgRounds(AsynchronousStrategy):
     """FedAvg (McMahan et al., AISTATS 2017) in the push/pull loop, for virtual-time campaigns:
     a round starts when nothing is in flight and `min_nodes` nodes are online, every online node
@@ -356,9 +443,13 @@ def make_strategy(spec: StrategySpec, listener: RoundListener) -> ObservedFedAvg
             min_evaluate_nodes=spec.min_nodes,
             min_available_nodes=spec.min_nodes,
         )
-    strategy_class = {"fedbuff": FedBuff, "fedasync": FedAsync, "walltime-aware": WalltimeAware}.get(
-        spec.name, FedAvgRounds
-    )
+    strategy_class = {
+        "fedbuff": FedBuff,
+        "fedasync": FedAsync,
+        "walltime-aware": WalltimeAware,
+        "fedcompass": FedCompass,
+        "fedqueue": FedQueue,
+    }.get(spec.name, FedAvgRounds)
     return strategy_class.with_rule(
         spec.rule(),
         concurrency=spec.concurrency,

@@ -93,6 +93,7 @@ class Command:
     kind: str  # one of COMMANDS
     steps: int = 0  # train: optimizer steps
     seed: int = 0  # train: the batch order's seed
+    lr_scale: float | None = None  # train: the task's learning-rate scale (None: train.lr)
 
 
 class RankGroup:
