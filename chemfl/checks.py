@@ -74,6 +74,11 @@ def check_evaluation_site(config: dict[str, Scalar], strategy: StrategySpec) -> 
         raise ChemFLError(f'eval.at = {site!r}; use "server" or one of data.facilities ({", ".join(facilities)})')
     if site != SERVER and strategy.virtual_time:
         raise ChemFLError('eval.at = <facility> is for real-time runs; emulated campaigns use eval.at = "server"')
+    if site != SERVER and strategy.baseline:
+        raise ChemFLError(
+            f"eval.at = {site!r}: the {strategy.name} baseline trains and evaluates in the ServerApp's process "
+            '(it loads the model to train anyway); set eval.at = "server"'
+        )
     return site
 
 

@@ -18,7 +18,8 @@ from typing import Any, ClassVar
 
 # Record names inside a message's RecordDict. "arrays", "config" and "num-examples" are also the
 # defaults of Flower's strategies (arrayrecord_key, configrecord_key, weighted_by_key).
-ARRAYS = "arrays"  # ArrayRecord: the adapter tensors, both ways
+ARRAYS = "arrays"  # ArrayRecord: the adapter, both ways
+ADAPTER = "adapter"  # its one array: every exchanged LoRA tensor in one vector (chemfl.llm.packing)
 CONFIG = "config"  # ConfigRecord: the task (server -> node)
 METRICS = "metrics"  # MetricRecord: what training or evaluation measured (node -> server)
 NODE = "node"  # ConfigRecord: who replied (node -> server)
@@ -56,8 +57,10 @@ class Task:
     `server_round` is Flower's own key (its FedAvg sets it); `task_id` numbers asynchronous
     dispatches, so each task gets its own batch order; `local_steps` is set when a strategy sizes
     the task (e.g. to fit the walltime left); `lora_a_digest` is FFA-LoRA's frozen-A check;
-    `evaluate_on = "test"` asks an evaluate handler for the central evaluation on the held-out test
-    set (`eval.at = <facility>`) instead of the loss on the node's validation shard.
+    `adapter_layout` is the digest of the packed adapter's layout (chemfl.llm.packing), checked before
+    a node loads it; `evaluate_on = "test"` asks an evaluate handler for the central evaluation on the held-out test
+    set (`eval.at = <facility>`) instead of the loss on the node's validation shard; `lr_scale` is set when a
+    strategy scales the task's learning rate (FedQueue: train.lr x fewest steps / its steps).
     """
 
     server_round: int | None = None
@@ -65,6 +68,8 @@ class Task:
     local_steps: int | None = None
     lora_a_digest: str | None = None
     evaluate_on: str | None = None
+    adapter_layout: str | None = None
+    lr_scale: float | None = None
 
     KEYS: ClassVar[dict[str, str]] = {
         "server_round": "server-round",
@@ -72,6 +77,8 @@ class Task:
         "local_steps": "local-steps",
         "lora_a_digest": "lora-a-digest",
         "evaluate_on": "evaluate-on",
+        "adapter_layout": "adapter-layout",
+        "lr_scale": "lr-scale",
     }
     TEST_SET: ClassVar[str] = "test"
 
@@ -189,7 +196,8 @@ def _from_keys(record: Mapping[str, Any], keys: Mapping[str, str], required: boo
 
 @dataclass(frozen=True)
 class RunLine:
-    """First line of an emulated campaign: what ran, and each facility's shape."""
+    """First line of an emulated campaign or of a baseline run (strategy centralized or local):
+    what ran, and each facility's shape."""
 
     EVENT: ClassVar[str] = "run"
     strategy: str
@@ -229,20 +237,39 @@ class VersionLine:
     server_seconds: float = 0.0
     evaluation_seconds: float = 0.0
     eval_loss: float | None = None
+    eval: dict | None = None  # the centralized evaluation's full result when the server evaluated (per-task metrics)
 
 
 @dataclass(frozen=True)
 class EvaluationLine:
     """A central evaluation that a facility ran (`eval.at = <facility>`): it arrives after the
-    version it evaluates, so it carries that version's time; training never waited for it."""
+    version it evaluates, so it carries that version's time; training never waited for it.
+    Baseline runs (strategy centralized or local) write one per evaluation too, run by the server."""
 
     EVENT: ClassVar[str] = "evaluation"
-    version: int  # the round (FedAvg) or version (asynchronous) evaluated
+    version: int  # the round (FedAvg) or version (asynchronous) evaluated; baselines: 0 before training, 1 after
     version_time: float  # when that version was published
     wall_time: float  # when the result arrived
-    facility: str
+    facility: str  # where it ran: a facility, or "server"
     eval_loss: float
     eval: dict = field(default_factory=dict)  # chemfl.llm.evaluation's result, as the server computes it
+    adapter: str | None = None  # the adapter folder evaluated where a run keeps several (local: adapter-<facility>)
+
+
+@dataclass(frozen=True)
+class TrainingLine:
+    """One model a baseline trained in the ServerApp's process (strategy centralized: every facility's
+    shard pooled; local: one facility's shard): what it trained on and how much."""
+
+    EVENT: ClassVar[str] = "training"
+    adapter: str  # the run folder's adapter it was saved as: "adapter" or "adapter-<facility>"
+    facilities: list[str]  # whose training shards
+    records: int  # training records in those shards
+    steps: int  # optimizer steps
+    examples: int  # examples drawn: steps x train.batch-size x train.grad-accum
+    train_loss: float  # mean over the steps
+    seconds: float
+    wall_time: float  # when training ended
 
 
 @dataclass(frozen=True)
@@ -298,9 +325,10 @@ class JobLine:
             raise ValueError(f"job state {self.state!r} is not one of {', '.join(self.STATES)}")
 
 
-MetricsLine = RunLine | RoundLine | VersionLine | EvaluationLine | UpdateLine | LostLine | JobLine
+MetricsLine = RunLine | RoundLine | VersionLine | EvaluationLine | TrainingLine | UpdateLine | LostLine | JobLine
 LINE_TYPES: dict[str, type] = {
-    kind.EVENT: kind for kind in (RunLine, RoundLine, VersionLine, EvaluationLine, UpdateLine, LostLine, JobLine)
+    kind.EVENT: kind
+    for kind in (RunLine, RoundLine, VersionLine, EvaluationLine, TrainingLine, UpdateLine, LostLine, JobLine)
 }
 
 

@@ -239,6 +239,26 @@ DOMAIN: dict[str, tuple[dict[str, Scalar], str, str]] = {
     ),
     "train.warmup-steps = -1": ({"train.warmup-steps": -1}, "train.warmup-steps", ""),
     "strategy.name = 'fedprox'": ({"strategy.name": "fedprox"}, "unknown strategy.name 'fedprox'", ""),
+    "strategy.baseline-steps = -1": (
+        {"strategy.name": "local", "strategy.baseline-steps": -1},
+        "strategy.baseline-steps = -1 must be >= 0",
+        "",
+    ),
+    "strategy.baseline-match = 'fedqueue' (sizes its own tasks)": (
+        {"strategy.name": "centralized", "strategy.baseline-match": "fedqueue"},
+        "strategy.baseline-match = 'fedqueue'; use one of fedavg, fedbuff, fedasync, or set strategy.baseline-steps",
+        "",
+    ),
+    "eval.at = a facility with a baseline": (
+        {"strategy.name": "centralized", "eval.at": "polaris"},
+        "the centralized baseline trains and evaluates in the ServerApp's process",
+        "",
+    ),
+    "a baseline under virtual time": (
+        {**VIRTUAL, "strategy.name": "local"},
+        "baselines train in the ServerApp's process in real time",
+        "",
+    ),
     "strategy.staleness = 'exp'": (
         {**FEDBUFF, "strategy.staleness": "exp"},
         "unknown staleness function 'exp'",

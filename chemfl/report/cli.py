@@ -16,9 +16,10 @@ SUMMARY = "summary.md"
 def register(verbs: argparse._SubParsersAction) -> None:
     report = verbs.add_parser(
         "report",
-        help="plot and tabulate finished runs: test loss, facility timelines, updates, node-hours",
+        help="plot and tabulate finished runs: test loss, facility timelines, updates, node-hours, per-task scores",
         description="Reads run folders (outputs/<run-name>/: config.json, metrics.jsonl) and writes loss.png, "
-        "timeline.png (runs with batch-job lines), updates.png and summary.md to a new report folder.",
+        "timeline.png (runs with batch-job lines), updates.png, quality.png (runs whose evaluations have per-task "
+        "metrics, baselines included) and summary.md to a new report folder.",
     )
     # nargs="*" so that no runs at all gets ChemFLError's message rather than argparse's usage line.
     report.add_argument("runs", nargs="*", type=Path, metavar="RUN", help="run folders, e.g. outputs/bench-fedavg")
@@ -50,7 +51,7 @@ def write_report(run_folders: Sequence[Path], out: Path, target: float | None, f
     # Imported here: matplotlib and the readers are not needed by the other `chemfl` commands.
     from chemfl.files import replace_dir, staging_dir
     from chemfl.report import plots
-    from chemfl.report.runs import read_runs, run_labels, summarize, time_unit
+    from chemfl.report.runs import model_results, read_runs, run_labels, summarize, time_unit
     from chemfl.report.summary import render_summary
 
     runs = read_runs(run_folders)
@@ -70,6 +71,10 @@ def write_report(run_folders: Sequence[Path], out: Path, target: float | None, f
             figures.append(("timeline.png", "Batch jobs per facility: queued, training, idle, work lost"))
         plots.plot_updates(summaries, labels, staging / "updates.png")
         figures.append(("updates.png", "Accepted updates and mean staleness per facility"))
+        models = model_results(runs, labels)
+        if models:
+            plots.plot_quality(models, staging / "quality.png")
+            figures.append(("quality.png", "Test-set exact match per task, one bar per trained model"))
         untimed = [label for run, label in zip(runs, labels, strict=False) if not run.jobs]
         notes = (
             [
@@ -79,7 +84,7 @@ def write_report(run_folders: Sequence[Path], out: Path, target: float | None, f
             if untimed
             else []
         )
-        summary = render_summary(summaries, labels, target, unit, figures, notes)
+        summary = render_summary(summaries, labels, target, unit, figures, notes, models)
         (staging / SUMMARY).write_text(summary, encoding="utf-8")
         replace_dir(staging, out)
     except BaseException:

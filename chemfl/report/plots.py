@@ -21,19 +21,28 @@ from matplotlib.ticker import MaxNLocator
 
 from chemfl.report.runs import (
     Interval,
+    ModelResult,
     Run,
     RunSummary,
     TimeUnit,
     facility_order,
     facility_timeline,
+    task_order,
     time_axis_name,
 )
 
 DPI = 200
 WIDTH_INCHES = 7.0  # the full text width of a two-column paper, so fonts print at their set size
-STRATEGY_COLOURS = {"fedavg": "#0072B2", "fedasync": "#E69F00", "fedbuff": "#009E73"}
+STRATEGY_COLOURS = {
+    "fedavg": "#0072B2",
+    "fedasync": "#E69F00",
+    "fedbuff": "#009E73",
+    "centralized": "#000000",
+    "local": "#D55E00",
+}
 OTHER_STRATEGY_COLOUR = "#CC79A7"
-STRATEGY_MARKERS = {"fedavg": "o", "fedasync": "s", "fedbuff": "^"}
+BASE_MODEL_COLOUR = "#999999"
+STRATEGY_MARKERS = {"fedavg": "o", "fedasync": "s", "fedbuff": "^", "centralized": "v", "local": "P"}
 OTHER_STRATEGY_MARKER = "D"
 LINE_STYLES = ("-", "--", ":", "-.")
 HATCHES = ("", "//", "..", "xx")
@@ -224,4 +233,56 @@ def plot_updates(summaries: Sequence[RunSummary], labels: Sequence[str], path: P
             axes.set_axisbelow(True)
         count_axes.yaxis.set_major_locator(MaxNLocator(integer=True))
         figure.legend(loc="outside lower center", ncol=min(len(summaries), 4), frameon=False)
+        save(figure, path)
+
+
+# --- quality.png ----------------------------------------------------------------------------------
+
+MACRO = "macro mean"
+QUALITY_COLUMNS = 3
+
+
+def model_styles(results: Sequence[ModelResult]) -> list[tuple[str, str]]:
+    """(colour, hatch) per model: its strategy's colour (grey for the base model); models sharing a
+    colour (a local baseline's facilities, two runs of one strategy) get successive hatches."""
+    styles, seen = [], {}
+    for result in results:
+        colour = STRATEGY_COLOURS.get(result.strategy, OTHER_STRATEGY_COLOUR) if result.strategy else BASE_MODEL_COLOUR
+        nth = seen.get(colour, 0)
+        seen[colour] = nth + 1
+        styles.append((colour, HATCHES[nth % len(HATCHES)]))
+    return styles
+
+
+def plot_quality(results: Sequence[ModelResult], path: Path) -> None:
+    """Test-set exact match of every trained model: one bar chart per task, and one of the macro mean."""
+    panels = [*task_order(results), MACRO]
+    rows = math.ceil(len(panels) / QUALITY_COLUMNS)
+    styles = model_styles(results)
+    with matplotlib.rc_context(PAPER_STYLE):
+        figure = new_figure(0.9 + 1.9 * rows + 0.2 * math.ceil(len(results) / 3))
+        grid = figure.subplots(rows, QUALITY_COLUMNS, sharey=True, squeeze=False)
+        for axes, panel in zip(grid.flat, panels, strict=False):
+            heights = [
+                (result.scores.macro_exact_match if panel == MACRO else result.scores.exact_match.get(panel))
+                for result in results
+            ]
+            heights = [math.nan if height is None else height for height in heights]
+            for index, (result, height, (colour, hatch)) in enumerate(zip(results, heights, styles, strict=True)):
+                bars = axes.bar(
+                    index, height, 0.8, color=colour, hatch=hatch, edgecolor="white", linewidth=0.5, label=result.label
+                )
+                axes.bar_label(bars, labels=["–" if math.isnan(height) else f"{height:.2f}"], fontsize=6, padding=1)
+            axes.set_title(panel, fontsize=8, fontweight="bold" if panel == MACRO else "normal")
+            axes.set_xticks([])
+            axes.set_ylim(0, 1.15)  # room for the bar labels above 1.0
+            axes.grid(axis="y", alpha=0.3, linewidth=0.5)
+            axes.set_axisbelow(True)
+        for axes in grid[:, 0]:
+            axes.set_ylabel("exact match")
+        for axes in list(grid.flat)[len(panels) :]:
+            axes.set_visible(False)
+        figure.suptitle("Test-set exact match per task, one bar per trained model")
+        handles, names = grid[0, 0].get_legend_handles_labels()
+        figure.legend(handles, names, loc="outside lower center", ncol=min(len(results), 3), frameon=False)
         save(figure, path)

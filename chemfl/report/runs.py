@@ -1,5 +1,6 @@
 """Run folders (config.json + metrics.jsonl) read into plain dataclasses, and every number the
-report shows: evaluations, update tallies, per-facility intervals and node-hours. Pure: no plotting.
+report shows: evaluations, update tallies, per-facility intervals, node-hours, and each trained
+model's test-set scores per task. Pure: no plotting.
 
 Times are seconds since the run started: wall-clock in plain simulations, virtual in emulated
 campaigns (the run line says `"virtual_time": true`).
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from chemfl import protocol
@@ -48,6 +49,7 @@ class Update:
     staleness: int
     arrival_time: float
     dispatch_time: float | None  # logged by emulated campaigns only
+    steps: int | None = None  # local optimizer steps, where logged
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,28 @@ class LostWork:
     reason: str
     time: float
     dispatch_time: float | None
+
+
+@dataclass(frozen=True)
+class Scores:
+    """A test-set evaluation that carries per-task metrics (the centralized evaluation's full result)."""
+
+    adapter: str | None  # None: the run's global adapter; else one of several (local baselines: adapter-<facility>)
+    version: int  # the round, version, or (baselines) 0 before / 1 after training
+    time: float
+    loss: float
+    exact_match: dict[str, float]  # task -> exact match over its generated test records
+    macro_exact_match: float | None  # mean over tasks
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """A model a baseline trained (its training line)."""
+
+    adapter: str
+    facilities: list[str]  # whose training shards
+    steps: int
+    examples: int
 
 
 @dataclass
@@ -98,6 +122,10 @@ class Run:
     lost: list[LostWork]
     jobs: list[Job]
     end_time: float  # the latest time any line mentions
+    scores: list[Scores] = field(default_factory=list)  # in the order written
+    trained: dict[str, TrainedModel] = field(default_factory=dict)  # baselines: adapter -> what it trained on
+    steps: int = 0  # optimizer steps in the global adapter: the updates aggregated into it, summed
+    examples_per_step: int | None = None  # train.batch-size x train.grad-accum, from config.json
 
     @property
     def name(self) -> str:
@@ -166,7 +194,17 @@ def read_run(folder: Path) -> Run:
         lost=reader.lost,
         jobs=list(reader.jobs.values()),
         end_time=end_time,
+        scores=reader.scores,
+        trained=reader.trained,
+        steps=reader.steps,
+        examples_per_step=examples_per_step(config),
     )
+
+
+def examples_per_step(config: dict) -> int | None:
+    """Examples one optimizer step draws: train.batch-size x train.grad-accum (None without config.json)."""
+    batch, accumulation = config.get("train.batch-size"), config.get("train.grad-accum", 1)
+    return int(batch) * int(accumulation) if batch is not None else None
 
 
 def read_lines(path: Path) -> list[tuple[int, dict]]:
@@ -219,6 +257,9 @@ class _MetricsReader:
         self.versions = 0
         self.times: list[float] = []
         self.facilities_met: list[str] = []
+        self.scores: list[Scores] = []
+        self.trained: dict[str, TrainedModel] = {}
+        self.steps = 0
 
     def add(self, data: dict) -> None:
         line = protocol.from_json(data)
@@ -227,6 +268,7 @@ class _MetricsReader:
             protocol.RoundLine: self._round,
             protocol.VersionLine: self._version,
             protocol.EvaluationLine: self._evaluation,
+            protocol.TrainingLine: self._training,
             protocol.UpdateLine: self._update,
             protocol.LostLine: self._lost,
             protocol.JobLine: self._job,
@@ -254,19 +296,51 @@ class _MetricsReader:
         self.versions = max(self.versions, int(line.round))
         if line.eval is not None:
             self.evaluations.append(Evaluation(time, float(line.eval["loss"])))
+            self._scores(None, int(line.round), time, line.eval)
+        steps = line.train.get(protocol.TrainReport.KEYS["steps"])  # Flower's mean over the round's nodes
         for facility in line.facilities:
-            self.updates.append(Update(self._met(facility), True, "", 0, time, None))
+            self.updates.append(
+                Update(self._met(facility), True, "", 0, time, None, None if steps is None else int(steps))
+            )
+        self.steps += len(line.facilities) * int(steps or 0)
 
     def _version(self, line: protocol.VersionLine) -> None:
         time = self._time(line.wall_time)
         self.versions = max(self.versions, int(line.version))
         if line.eval_loss is not None:
             self.evaluations.append(Evaluation(time, float(line.eval_loss)))
+        if line.eval is not None:
+            self._scores(None, int(line.version), time, line.eval)
 
     def _evaluation(self, line: protocol.EvaluationLine) -> None:
         """A facility's evaluation: it belongs to the time its version was published."""
         self._time(line.wall_time)
-        self.evaluations.append(Evaluation(self._time(line.version_time), float(line.eval_loss)))
+        time = self._time(line.version_time)
+        if line.adapter is None:  # the run's global adapter; a local baseline's several models are not one curve
+            self.evaluations.append(Evaluation(time, float(line.eval_loss)))
+        self._scores(line.adapter, int(line.version), time, line.eval)
+
+    def _scores(self, adapter: str | None, version: int, time: float, result: dict) -> None:
+        tasks = result.get("tasks") or {}
+        if tasks:  # loss-only evaluations have no per-task metrics
+            self.scores.append(
+                Scores(
+                    adapter,
+                    version,
+                    time,
+                    float(result["loss"]),
+                    {task: float(metrics["exact_match"]) for task, metrics in tasks.items()},
+                    (result.get("overall") or {}).get("exact_match"),
+                )
+            )
+
+    def _training(self, line: protocol.TrainingLine) -> None:
+        self._time(line.wall_time)
+        for facility in line.facilities:
+            self._met(facility)
+        self.trained[line.adapter] = TrainedModel(
+            line.adapter, list(line.facilities), int(line.steps), int(line.examples)
+        )
 
     def _update(self, line: protocol.UpdateLine) -> None:
         if line.facility is not None:
@@ -279,8 +353,11 @@ class _MetricsReader:
                 int(line.staleness),
                 self._time(line.arrival_time),
                 self._optional_time(line.dispatch_time),
+                line.steps,
             )
         )
+        if line.accepted:
+            self.steps += int(line.steps or 0)
 
     def _lost(self, line: protocol.LostLine) -> None:
         work = LostWork(
@@ -469,3 +546,53 @@ def time_axis_name(runs: Sequence[Run]) -> str:
     if not any(run.virtual_time for run in runs):
         return "wall-clock time"
     return "time (virtual for emulated runs)"
+
+
+# --- the trained models compared on the test set --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelResult:
+    """One trained model's last test-set evaluation with per-task metrics, and the compute it had."""
+
+    label: str
+    strategy: str  # the run's; "" for the base model
+    facilities: list[str]  # local baselines: whose shard; empty otherwise
+    scores: Scores
+    steps: int | None  # optimizer steps that went into it (None: not logged)
+    examples: int | None  # examples they drew
+
+
+BASE_MODEL = "base model"
+
+
+def model_results(runs: Sequence[Run], labels: Sequence[str]) -> list[ModelResult]:
+    """Every trained model of the runs at its last evaluation with per-task metrics: a run's global
+    adapter, or each facility's model of a local baseline; led by the base model (no training: the
+    first run's evaluation of its initial adapter, whose LoRA B is zero), when one was evaluated."""
+    results = []
+    initial = next(
+        ((run, scores) for run in runs for scores in run.scores if scores.adapter is None and scores.version == 0),
+        None,
+    )
+    if initial is not None:
+        results.append(ModelResult(BASE_MODEL, "", [], initial[1], 0, 0))
+    for run, label in zip(runs, labels, strict=True):
+        latest: dict[str | None, Scores] = {}
+        for scores in run.scores:
+            if scores.version > 0 or scores.adapter is not None:
+                latest[scores.adapter] = scores  # later lines are later evaluations
+        for adapter, scores in latest.items():
+            trained = run.trained.get(adapter or "adapter")
+            steps = trained.steps if trained is not None else (run.steps or None)
+            per_step = run.examples_per_step
+            examples = trained.examples if trained is not None else (steps * per_step if steps and per_step else None)
+            facilities = trained.facilities if trained is not None and adapter is not None else []
+            name = f"{label}: {', '.join(facilities) or adapter}" if adapter is not None else label
+            results.append(ModelResult(name, run.strategy, facilities, scores, steps, examples))
+    return results
+
+
+def task_order(results: Sequence[ModelResult]) -> list[str]:
+    """Every task any model was scored on, in the order first met."""
+    return facility_order(*(result.scores.exact_match for result in results))

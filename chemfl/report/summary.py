@@ -1,10 +1,19 @@
-"""summary.md: one row per run, one table of facilities per run, the definitions, the figures."""
+"""summary.md: one row per run, one table of facilities per run, the definitions, the figures, and
+the trained models' test-set scores per task."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from chemfl.report.runs import FacilitySummary, NodeHours, RunSummary, TimeUnit, time_axis_name
+from chemfl.report.runs import (
+    FacilitySummary,
+    ModelResult,
+    NodeHours,
+    RunSummary,
+    TimeUnit,
+    task_order,
+    time_axis_name,
+)
 
 MISSING = "–"
 TALLY_COLUMNS = ("accepted", "rejected", "stale", "lost", "lost at walltime")
@@ -42,16 +51,48 @@ def render_summary(
     unit: TimeUnit,
     figures: Sequence[tuple[str, str]],
     notes: Sequence[str],
+    models: Sequence[ModelResult] = (),
 ) -> str:
-    """The whole summary.md; `figures` are (file name, caption) pairs, `notes` say what was skipped."""
+    """The whole summary.md; `figures` are (file name, caption) pairs, `notes` say what was skipped,
+    `models` are the trained models compared on the test set (chemfl.report.runs.model_results)."""
     parts = ["# ChemFL run report", "", run_list(summaries, labels), ""]
     parts += [f"![{caption}]({name})  \n[{name}]({name}): {caption}\n" for name, caption in figures]
     parts += [f"> {note}\n" for note in notes]
     parts += ["## Runs", "", runs_table(summaries, labels, target, unit), "", "### Definitions", "", DEFINITIONS]
+    if models:
+        parts += ["## Test set per task", "", MODELS_NOTE, "", models_table(models), ""]
     parts += ["## Per facility", ""]
     for summary, label in zip(summaries, labels, strict=False):
         parts += [f"### {label}", "", facility_table(summary), ""]
     return "\n".join(parts)
+
+
+MODELS_NOTE = (
+    "Each trained model at its last evaluation: exact match per task on the generated test records, their macro "
+    "mean, and the test loss per answer token. **Steps**: optimizer steps that went into the model (a federated "
+    "run's: every aggregated update's, summed); **examples**: the examples they drew (steps x batch x "
+    "accumulation). Local baselines have one model per facility; the base model is a run's initial adapter "
+    "(LoRA B = 0)."
+)
+
+
+def models_table(models: Sequence[ModelResult]) -> str:
+    tasks = task_order(models)
+    header = ["model", "steps", "examples", "test loss", *tasks, "macro exact match"]
+    rows = []
+    for model in models:
+        scores = model.scores
+        rows.append(
+            [
+                model.label,
+                MISSING if model.steps is None else str(model.steps),
+                MISSING if model.examples is None else str(model.examples),
+                number(scores.loss, 3),
+                *(number(scores.exact_match.get(task), 2) for task in tasks),
+                number(scores.macro_exact_match, 3),
+            ]
+        )
+    return table(header, rows)
 
 
 def run_list(summaries: Sequence[RunSummary], labels: Sequence[str]) -> str:

@@ -1,21 +1,23 @@
 """Flower glue for the ServerApp: check the config, make sure the data exists, run the strategy
 (Flower's FedAvg in synchronous rounds, or one of ChemFL's asynchronous Flower strategies) with
-centralized evaluation, write outputs/<run-name>/."""
+centralized evaluation, write outputs/<run-name>/. The baselines (`centralized`, `local`) train in
+this process instead (chemfl.server_app.baselines) and leave the SuperNodes idle."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from logging import INFO, WARNING
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from chemfl import protocol
-from chemfl.checks import SERVER, check_run_config
+from chemfl.checks import SERVER, RunSpecs, check_run_config
 from chemfl.config import resolve
 from chemfl.data_prep import store
 from chemfl.data_prep.build import build_dataset
@@ -23,9 +25,10 @@ from chemfl.emulation.campaign import CampaignSpec
 from chemfl.emulation.grid import EmulatedGrid, discover_facilities
 from chemfl.errors import ChemFLError
 from chemfl.llm.adapter_init import adapter_skeleton
-from chemfl.llm.lora import exchanged_state, frozen_a_digest
+from chemfl.llm.lora import adapter_layout, frozen_a_digest, packed_state
 from chemfl.llm.session import get_session
 from chemfl.protocol import RunLine, Task
+from chemfl.server_app.baselines import run_baseline
 from chemfl.server_app.checkpoint import AsyncState, Checkpointer, checkpoint_misfit_message, read_run_config
 from chemfl.server_app.evaluation import CentralEvaluator, LocalEvaluation, before_after_table
 from chemfl.server_app.facility_evaluation import FacilityEvaluation
@@ -88,9 +91,12 @@ def check_connected_nodes(grid: Grid, wait_seconds: float = 10.0, timeout: float
             )
 
 
-def campaign_hooks(grid: Grid, campaign: CampaignSpec, spec: StrategySpec, outputs: RunOutputs) -> tuple:
+def campaign_hooks(
+    grid: Grid, campaign: CampaignSpec, spec: StrategySpec, outputs: RunOutputs, alarm: Callable[[], float | None]
+) -> tuple:
     """(EmulatedGrid, RunHooks) for a virtual-time campaign: virtual clock, batch jobs, queue waits
-    (no checkpoints: the campaign is rerun from its seed instead)."""
+    (no checkpoints: the campaign is rerun from its seed instead). `alarm` is the rule's next
+    deadline: the virtual clock stops there, so a rule that aggregates on a clock does it on time."""
     facilities = [f.name for f in campaign.facilities]
     grid = PromptGrid(grid)
     real = discover_facilities(grid, len(facilities))
@@ -103,7 +109,12 @@ def campaign_hooks(grid: Grid, campaign: CampaignSpec, spec: StrategySpec, outpu
     )
     outputs.append_metrics(protocol.to_json(run_line))
     emulated = EmulatedGrid(
-        grid, campaign, {facility: node for node, facility in real.items()}, spec.local_steps, outputs.append_metrics
+        grid,
+        campaign,
+        {facility: node for node, facility in real.items()},
+        spec.local_steps,
+        outputs.append_metrics,
+        alarm=alarm,
     )
     hooks = RunHooks(
         record=outputs.append_metrics,
@@ -114,26 +125,35 @@ def campaign_hooks(grid: Grid, campaign: CampaignSpec, spec: StrategySpec, outpu
     return emulated, hooks
 
 
+def prepare_run(config: dict, specs: RunSpecs, resume: str) -> tuple[Path, list[str], list[dict], RunOutputs]:
+    """The data build (built, or verified and reused), its facilities and test records, and the run
+    folder with the resolved config.json in it."""
+    data_path = Path(str(config["data.path"]))
+    built = build_dataset(specs.build, data_path)
+    log(INFO, "data: %s build %s (%s)", data_path, built.manifest["build_id"], "reused" if built.reused else "built")
+    test_records = store.read_records(data_path / "test.parquet")
+    outputs = RunOutputs(
+        Path(str(config["outputs.dir"])), str(config["run-name"]), resume=Path(resume) if resume else None
+    )
+    outputs.write_json("config.json", config)
+    return data_path, list(built.manifest["facilities"]), test_records, outputs
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = resolve(context.run_config)
     specs = check_run_config(config)  # every knob, before any work starts
     spec, campaign, evaluation_site = specs.strategy, specs.campaign, specs.evaluation_site
+    if spec.baseline:  # no federation: nothing is sent to the SuperNodes
+        data_path, facilities, test_records, outputs = prepare_run(config, specs, resume="")
+        run_baseline(config, specs, data_path, facilities, test_records, outputs)
+        return
     rounds: dict[int, dict] = {}
     strategy = make_strategy(spec, lambda server_round, info: rounds.__setitem__(server_round, info))
     resume = str(config["resume"])
     # A damaged checkpoint is an error now, before the data build and the model load.
     resumed = ResumePoint.load(Path(resume), strategy) if resume else None
-
-    data_path = Path(str(config["data.path"]))
-    built = build_dataset(specs.build, data_path)
-    log(INFO, "data: %s build %s (%s)", data_path, built.manifest["build_id"], "reused" if built.reused else "built")
-    test_records = store.read_records(data_path / "test.parquet")
-
-    outputs = RunOutputs(
-        Path(str(config["outputs.dir"])), str(config["run-name"]), resume=Path(resume) if resume else None
-    )
-    outputs.write_json("config.json", config)
+    _, _, test_records, outputs = prepare_run(config, specs, resume)
     lora_spec = specs.lora
     facility_evaluation = None
     if evaluation_site == SERVER:
@@ -143,11 +163,12 @@ def main(grid: Grid, context: Context) -> None:
     else:  # nothing here needs the base weights: a weightless skeleton holds the adapter
         adapter_model = adapter_skeleton(specs.model, lora_spec)
         log(INFO, "eval.at = %s: base model not loaded (the adapter is built from its config)", evaluation_site)
-    initial = ArrayRecord(exchanged_state(adapter_model, lora_spec))
+    initial = ArrayRecord({name: Array(value) for name, value in packed_state(adapter_model, lora_spec).items()})
     if resumed is not None:
         resumed.check_fits(initial, config)
     digest = frozen_a_digest(adapter_model) if lora_spec.freeze_a else None
-    train_config = ConfigRecord(Task(lora_a_digest=digest).to_config())  # strategies add round and task
+    layout = adapter_layout(adapter_model, lora_spec).digest
+    train_config = ConfigRecord(Task(lora_a_digest=digest, adapter_layout=layout).to_config())  # + round, task
     if evaluation_site != SERVER:
         facility_evaluation = FacilityEvaluation(
             PromptGrid(grid), evaluation_site, dict(train_config), spec.message_ttl, on_result=None
@@ -200,7 +221,7 @@ def run_asynchronous(
     emulated grid of a virtual-time campaign."""
     emulated = None
     if campaign is not None:
-        emulated, hooks = campaign_hooks(grid, campaign, spec, outputs)
+        emulated, hooks = campaign_hooks(grid, campaign, spec, outputs, alarm=strategy.rule.next_due)
         grid = emulated
     else:
         checkpointer = (
@@ -221,6 +242,8 @@ def run_asynchronous(
                     moved,
                     outputs.dir / AFTER_CHECKPOINT,
                 )
+    record = hooks.record
+    hooks.record = lambda line: record(evaluator.with_result(line))
     strategy.start(
         grid=grid,
         initial_arrays=initial,
