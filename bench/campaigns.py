@@ -2,6 +2,7 @@
 
     python bench/campaigns.py [--target-loss 3.8] [--hours 24] [--campaigns emulated,spikes]
                               [--strategies fedavg,fedasync,fedbuff,walltime-aware] [--seed 0] [--reuse]
+                              [--queue-ahead]
 
 Each run is `chemfl simulate recipes/four-facilities-<campaign>.toml` with strategy.name set,
 stopping at the target test loss or after `--hours` virtual hours. Time is virtual (the campaign's
@@ -9,7 +10,13 @@ batch jobs, queue waits and walltimes), so the figures do not depend on this mac
 Reported per campaign and strategy: virtual hours to the target, as a ratio to the best of
 fedavg / fedasync / fedbuff and to fedavg, node-hours spent until then, the share of them wasted
 (idle in a running job, or lost at a walltime end), updates lost at walltime ends, and versions.
-Run folders land in outputs/bench-<campaign>-<strategy>; `chemfl report` draws them.
+Run folders land in outputs/bench-<campaign>-<strategy>; `chemfl report` draws them. With
+--queue-ahead every facility submits its next job when the current one starts (emulation.queue-ahead);
+those runs land in outputs/bench-<campaign>-<strategy>-queue-ahead.
+
+A seed's run is the same line for line on one machine (tests/emulation/test_reproducible.py): only
+the real-time fields of metrics.jsonl (server_seconds, evaluation_seconds, eval.seconds) and the
+"real min" column change from run to run.
 """
 
 from __future__ import annotations
@@ -29,9 +36,16 @@ BASELINES = ("fedavg", "fedasync", "fedbuff")
 
 
 def run_one(
-    campaign: str, strategy: str, target: float, hours: float, seed: int, reuse: bool, workdir: Path
+    campaign: str,
+    strategy: str,
+    target: float,
+    hours: float,
+    seed: int,
+    reuse: bool,
+    workdir: Path,
+    queue_ahead: bool = False,
 ) -> tuple[Path, float]:
-    name = f"bench-{campaign}-{strategy}"
+    name = f"bench-{campaign}-{strategy}" + ("-queue-ahead" if queue_ahead else "")
     finished = workdir / "outputs" / name / "metrics.jsonl"
     if reuse and finished.is_file() and "campaign end" in finished.read_text():
         return workdir / "outputs" / name, float("nan")
@@ -41,6 +55,7 @@ def run_one(
         "strategy.target-loss": target,
         "strategy.max-seconds": hours * 3600.0,
         "emulation.seed": seed,
+        "emulation.queue-ahead": queue_ahead,
     }
     started = time.perf_counter()
     # One core per ClientApp: two train at once on a 2-core laptop; virtual time makes it irrelevant.
@@ -66,6 +81,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reuse", action="store_true", help="read finished run folders again instead of rerunning")
     parser.add_argument(
+        "--queue-ahead",
+        action="store_true",
+        help="each facility submits its next job when the current one starts (emulation.queue-ahead = true)",
+    )
+    parser.add_argument(
         "--workdir",
         type=Path,
         default=PROJECT,
@@ -74,7 +94,8 @@ def main() -> None:
     args = parser.parse_args()
     table = Table(
         title=f"Time to test loss {args.target_loss} on emulated four-facility campaigns "
-        f"(seed {args.seed}, at most {args.hours:g} virtual hours)"
+        f"(seed {args.seed}, at most {args.hours:g} virtual hours"
+        + (", jobs queued ahead)" if args.queue_ahead else ")")
     )
     for column in (
         "campaign",
@@ -94,7 +115,14 @@ def main() -> None:
         rows = {}
         for strategy in args.strategies.split(","):
             folder, seconds = run_one(
-                campaign, strategy, args.target_loss, args.hours, args.seed, args.reuse, args.workdir
+                campaign,
+                strategy,
+                args.target_loss,
+                args.hours,
+                args.seed,
+                args.reuse,
+                args.workdir,
+                args.queue_ahead,
             )
             rows[strategy] = (summarize(read_run(folder), args.target_loss), seconds)
         reached = {s: summary.time_to_target for s, (summary, _) in rows.items()}

@@ -56,6 +56,7 @@ class CampaignSpec:
     task_overhead_seconds: float  # every task: ClientApp process start and adapter load
     transfer_mb_per_second: float  # adapter bytes, each way
     trace: dict[str, list[float]] | None = None  # replayed queue waits per facility (cycled)
+    queue_ahead: bool = False  # a facility's next job is submitted when its current one starts
 
     @classmethod
     def from_config(cls, config: dict[str, Scalar], facilities: tuple[str, ...]) -> CampaignSpec:
@@ -84,6 +85,7 @@ class CampaignSpec:
             trace=read_trace(Path(str(config["emulation.queue-trace"])), facilities)
             if str(config["emulation.queue-trace"])
             else None,
+            queue_ahead=bool(config["emulation.queue-ahead"]),
         )
         if spec.queue_sigma < 0 or not 0 <= spec.spike_probability <= 1 or spec.spike_factor < 1:
             raise ChemFLError(
@@ -100,7 +102,9 @@ class CampaignSpec:
         return next(f for f in self.facilities if f.name == name)
 
     def queue_wait(self, facility: str, job: int) -> float:
-        """Seconds job number `job` (0, 1, ...) of `facility` waits before it starts."""
+        """Seconds job number `job` (0, 1, ...) of `facility` waits before it starts, counted from its
+        submission (with queue-ahead, the start of the job before it: it may start no sooner than that
+        job's end)."""
         if self.trace is not None:
             waits = self.trace[facility]
             return waits[job % len(waits)]

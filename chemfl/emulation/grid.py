@@ -11,6 +11,14 @@ steps x seconds per step, adapter transfer both ways):
 Events (completions, losses, job ends and starts) are released strictly in virtual-time order:
 a completion waits for its real reply, however late the laptop delivers it. Replies carry the
 virtual training seconds and the job's remaining walltime, as the launcher's SuperNodes report.
+A strategy that aggregates on a clock (a FedCompass group's deadline, a FedQueue round's end)
+sets `alarm` to its `next_due`: the clock then stops at that time, before any later event.
+
+Jobs: without queue-ahead a facility's next job is submitted when its current one ends (the
+launcher resubmits at once), so the facility is offline for the whole queue wait. With
+`emulation.queue-ahead` (the launcher's `queue-ahead = true`: submitted with an afterany
+dependency) it is submitted when the current one starts and waits in the queue meanwhile; it
+starts at max(current end, its submission + its wait), so one facility never runs two jobs at once.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ class Job:
     start: float
     end: float = 0.0
     running: bool = False
+    ended: bool = False
     tasks: int = 0  # tasks started in this job (the first pays the start-up cost)
 
 
@@ -98,8 +107,10 @@ class EmulatedGrid:
     default_steps: int
     record: Callable[[dict], None]  # one metrics.jsonl line
     poll_seconds: float = 0.05
+    alarm: Callable[[], float | None] | None = None  # the strategy's next deadline (rules' next_due)
     now: float = 0.0
-    jobs: dict[str, Job] = field(default_factory=dict)
+    jobs: dict[str, Job] = field(default_factory=dict)  # each facility's current job (queued, running or just ended)
+    queued_ahead: dict[str, Job] = field(default_factory=dict)  # queue-ahead: the job waiting behind the current one
     in_flight: dict[str, VirtualTask] = field(default_factory=dict)  # by message id
     arrived: dict[str, Message] = field(default_factory=dict)  # real replies waiting for their turn
     _events: list = field(default_factory=list)
@@ -110,7 +121,7 @@ class EmulatedGrid:
         if missing:
             raise ChemFLError(f"no SuperNode serves facility {', '.join(missing)}")
         for facility in self.campaign.facilities:
-            self._queue_job(facility.name, 0, 0.0)
+            self.jobs[facility.name] = self._queue_job(facility.name, 0, 0.0)
 
     # --- what the loop calls -------------------------------------------------------------------
 
@@ -136,23 +147,32 @@ class EmulatedGrid:
         self._collect_real_replies()
         if not self._events or self._events[0][1] not in (COMPLETION, LOSS) or self._waiting_for_real_reply():
             return []
+        if self._wake_up() is not None:  # the strategy's deadline comes first
+            return []
         return [self._step()]
 
     def sleep(self, seconds: float) -> None:
-        """The loop found nothing to do: wait for the laptop when the next event is a completion not
-        yet delivered; move the clock to the next job start or end otherwise (one event, so the loop
-        can dispatch at that very time)."""
+        """The loop found nothing to do: move the clock to the strategy's deadline when it comes
+        first; wait for the laptop when the next event is a completion not yet delivered; move the
+        clock to the next job start or end otherwise (one event, so the loop can dispatch at that
+        very time)."""
         del seconds  # virtual time does not pass by waiting
-        if self._waiting_for_real_reply():
+        wake_up = self._wake_up()
+        if wake_up is not None:
+            self.now = wake_up
+        elif self._waiting_for_real_reply():
             time.sleep(self.poll_seconds)
         elif self._events and self._events[0][1] in (JOB_START, JOB_END):
             self._step()
 
     def finish(self) -> None:
-        """Close the books: running jobs end now (for node-hour accounting)."""
+        """Close the books: running jobs end now (for node-hour accounting), queued ones too."""
         for name, job in self.jobs.items():
-            reason = "campaign end" if job.running else "campaign end (still queued)"
-            self._record_job(name, job.index, "ended", reason)
+            if not job.ended:
+                reason = "campaign end" if job.running else "campaign end (still queued)"
+                self._record_job(name, job.index, "ended", reason)
+            if name in self.queued_ahead:
+                self._record_job(name, self.queued_ahead[name].index, "ended", "campaign end (still queued)")
 
     # --- tasks ---------------------------------------------------------------------------------
 
@@ -194,6 +214,13 @@ class EmulatedGrid:
         if pending:
             for reply in self.grid.pull_messages(list(pending)):
                 self.arrived[pending[reply.metadata.reply_to_message_id]] = reply
+
+    def _wake_up(self) -> float | None:
+        """The strategy's next deadline, when it falls after now and before the next event."""
+        due = None if self.alarm is None else self.alarm()
+        if due is None or due <= self.now or (self._events and self._events[0][0] <= due):
+            return None
+        return due
 
     def _waiting_for_real_reply(self) -> bool:
         """The next event is a completion whose real reply has not been collected yet."""
@@ -240,22 +267,31 @@ class EmulatedGrid:
             self._end_job(payload)
         return None
 
-    def _queue_job(self, facility: str, index: int, queued: float) -> None:
-        start = queued + self.campaign.queue_wait(facility, index)
-        self.jobs[facility] = Job(index, start)
+    def _queue_job(self, facility: str, index: int, queued: float, not_before: float = 0.0) -> Job:
+        """Submit job `index` at `queued`: it starts after its queue wait, and not before `not_before`
+        (the end of the job it is queued behind)."""
+        job = Job(index, max(not_before, queued + self.campaign.queue_wait(facility, index)))
         self.record(protocol.to_json(JobLine(facility, index, "queued", queued)))
-        self._schedule(start, JOB_START, facility)
+        self._schedule(job.start, JOB_START, (facility, index))
+        return job
 
-    def _start_job(self, facility: str) -> None:
+    def _start_job(self, payload: tuple[str, int]) -> None:
+        facility, index = payload
+        if self.jobs[facility].index != index:  # the job queued ahead takes over
+            self.jobs[facility] = self.queued_ahead.pop(facility)
         job = self.jobs[facility]
         job.running, job.end = True, job.start + self.campaign.facility(facility).walltime
         self._record_job(facility, job.index, "running")
         self._schedule(job.end, JOB_END, facility)
+        if self.campaign.queue_ahead:  # the next job waits in the queue while this one runs
+            self.queued_ahead[facility] = self._queue_job(facility, index + 1, self.now, not_before=job.end)
 
     def _end_job(self, facility: str) -> None:
         job = self.jobs[facility]
+        job.running, job.ended = False, True
         self._record_job(facility, job.index, "ended")
-        self._queue_job(facility, job.index + 1, self.now)  # the launcher resubmits at once
+        if not self.campaign.queue_ahead:
+            self.jobs[facility] = self._queue_job(facility, job.index + 1, self.now)  # the launcher resubmits at once
 
     def _record_job(self, facility: str, index: int, state: str, reason: str | None = None) -> None:
         self.record(protocol.to_json(JobLine(facility, index, state, self.now, reason=reason)))

@@ -37,6 +37,11 @@ at each facility) that change independently of the experiment:
     globus-config = {}                    # backend = globus: the endpoint's user_endpoint_config
     max-resubmits = 3                     # keep-alive: resubmissions after the job ends while the run lasts
     resubmit-backoff = 60                 # seconds before a resubmission, doubled after each
+    queue-ahead = false                   # true: submit the next job when the current one starts, held by
+                                          # the scheduler until it ends (PBS -W depend=afterany:<id>, Slurm
+                                          # --dependency=afterany:<id>), so its queue wait overlaps the running
+                                          # job; "early": a plain submission timed by the last queue wait, for
+                                          # sites that refuse dependencies (two jobs may then run at once)
     directives = ["-l place=scatter"]     # extra scheduler lines, without the #PBS / #SBATCH prefix
     # generic profiles (pbs, slurm, local) only:
     gpus-per-node = 4
@@ -51,7 +56,8 @@ exist; an absolute one (or ~, $VARIABLES) is taken as written and checked when i
 
 Queue rules come from the profile (chemfl.launcher.profiles): walltime caps, node limits (Polaris
 prod >= 10 nodes, Aurora debug-scaling >= 2, Frontier extended <= 64 ...), and queues that forbid
-job chaining (Frontier debug: max-resubmits is 0 there, and a larger value is refused).
+job chaining (Frontier debug: max-resubmits is 0 there, and a larger value is refused, as is
+queue-ahead).
 
 `load_facilities` checks everything before any script is rendered or submitted and raises
 ChemFLError naming the facility, the problem and the fix.
@@ -92,6 +98,7 @@ FACILITY_KEYS = {
     "globus-config",
     "max-resubmits",
     "resubmit-backoff",
+    "queue-ahead",
     "directives",
     "layout",
     "recipe",
@@ -144,6 +151,7 @@ class Facility:
     trainer_backend: str = "auto"  # per-job: `chemfl trainer --backend`
     trainer_env: tuple[Setting, ...] = ()  # per-job: the profile's collective settings with the file's changes
     resubmit_note: str = ""  # why max-resubmits was forced to 0 (a queue that forbids job chaining)
+    queue_ahead: str = ""  # "" | "dependency" (queue-ahead = true) | "early"
 
 
 @dataclass(frozen=True)
@@ -305,6 +313,7 @@ def _facility(name: str, table: dict[str, Any], base_dir: Path) -> Facility:
     if max_resubmits < 0 or backoff < 0:
         raise ChemFLError(f"{where}: max-resubmits and resubmit-backoff cannot be negative; use 0 to disable")
     recipe, trainer_backend, trainer_env = _trainer(table, profile, layout, base_dir, where)
+    queue_ahead = _queue_ahead(table, profile, queue, backend, max_resubmits, where)
 
     return Facility(
         name=name,
@@ -328,6 +337,7 @@ def _facility(name: str, table: dict[str, Any], base_dir: Path) -> Facility:
         trainer_backend=trainer_backend,
         trainer_env=trainer_env,
         resubmit_note=resubmit_note,
+        queue_ahead=queue_ahead,
     )
 
 
@@ -364,6 +374,45 @@ def _max_resubmits(table: dict[str, Any], profile: Profile, queue: str, where: s
             f"(or leave it out), or use another queue to keep the facility alive"
         )
     return max_resubmits, f"queue {queue}: {why}; jobs that end are not resubmitted"
+
+
+def _queue_ahead(
+    table: dict[str, Any], profile: Profile, queue: str, backend: str, max_resubmits: int, where: str
+) -> str:
+    """queue-ahead: "" (false), "dependency" (true) or "early"; refused where it cannot work."""
+    value = table.get("queue-ahead", False)
+    if isinstance(value, bool):
+        mode = "dependency" if value else ""
+    elif value == "early":
+        mode = "early"
+    else:
+        raise ChemFLError(
+            f"{where}: queue-ahead = {value!r} should be true (the next job queued with a dependency on the "
+            'running one), "early" (a plain early submission, where the site refuses dependencies) or false'
+        )
+    if not mode:
+        return ""
+    why = profile.no_resubmit_queues.get(queue, "")
+    if why:
+        raise ChemFLError(
+            f"{where}: queue-ahead, but queue {queue}: {why}; remove queue-ahead, or use a queue that allows "
+            f"job chaining ({', '.join(q for q in profile.queue_walltime_caps if q not in profile.no_resubmit_queues)})"
+        )
+    if profile.scheduler == "local":
+        raise ChemFLError(
+            f"{where}: profile local starts each job at once, with no queue to wait in; remove queue-ahead"
+        )
+    if backend == "globus":
+        raise ChemFLError(
+            f"{where}: queue-ahead needs the job ids of the batch jobs, and with backend = globus the endpoint "
+            'submits them out of sight; remove queue-ahead or use backend = "cli"'
+        )
+    if max_resubmits == 0:
+        raise ChemFLError(
+            f"{where}: queue-ahead submits the facility's next job early, and max-resubmits = 0 allows none; "
+            "raise max-resubmits or remove queue-ahead"
+        )
+    return mode
 
 
 def _setup(table: dict[str, Any], profile: Profile, where: str) -> tuple[str, ...]:

@@ -68,7 +68,12 @@ class GlobusBackend:
         if not target.globus_endpoint:
             raise ChemFLError(f"{target.facility}: backend = globus needs a globus endpoint id")
 
-    def submit(self, target: JobTarget) -> str:
+    def submit(self, target: JobTarget, after: str | None = None) -> str:
+        if after:
+            raise ChemFLError(
+                f"{target.facility}: backend = globus cannot queue a job ahead: the endpoint submits the batch "
+                'jobs itself, out of sight; remove queue-ahead or use backend = "cli"'
+            )
         from globus_compute_sdk import ShellFunction  # the SDK takes ~0.4 s to import: only globus launches pay
 
         if target.facility not in self.executors:

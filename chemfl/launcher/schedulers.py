@@ -1,7 +1,9 @@
 """Batch schedulers behind one interface: submit a script, ask a job's state, cancel it.
 
 `PbsScheduler` (qsub/qstat/qdel), `SlurmScheduler` (sbatch/squeue/scancel) and `LocalScheduler`
-(a plain `bash script` process, for laptops and tests) share `submit(script) -> job id`,
+(a plain `bash script` process, for laptops and tests) share `submit(script, after=None) -> job id`
+(`after`: a job id the new job waits for, PBS `-W depend=afterany:<id>`, Slurm
+`--dependency=afterany:<id>`; the local scheduler has no queue and refuses it),
 `state(job id) -> "queued" | "running" | "ended"`, `cancel(job id)` and `exit_code(job id)`.
 `JobTarget` is one facility's job as the watcher sees it, and `Backend` the watcher's view of
 anything that runs one (`SchedulerBackend` here, `chemfl.launcher.globus.GlobusBackend`).
@@ -44,6 +46,7 @@ class JobTarget:
     globus_endpoint: str = ""
     globus_config: dict = field(default_factory=dict)
     resubmit_note: str = ""  # why this facility's jobs are never resubmitted (max_resubmits 0), for the log
+    queue_ahead: str = ""  # "" | "dependency" | "early": submit the next job while the current one runs
 
 
 class Backend(Protocol):
@@ -52,8 +55,8 @@ class Backend(Protocol):
     def check(self, target: JobTarget) -> None:
         """Raise ChemFLError if `target` cannot be submitted here (before anything is submitted)."""
 
-    def submit(self, target: JobTarget) -> str:
-        """Start `target`'s job; returns its job id."""
+    def submit(self, target: JobTarget, after: str | None = None) -> str:
+        """Start `target`'s job (held until job `after` has ended, when given); returns its job id."""
 
     def state(self, job_id: str) -> JobState: ...
 
@@ -70,7 +73,7 @@ class Backend(Protocol):
 class Scheduler(Protocol):
     submit_command: str
 
-    def submit(self, script: Path) -> str: ...
+    def submit(self, script: Path, after: str | None = None) -> str: ...
 
     def state(self, job_id: str) -> JobState: ...
 
@@ -125,8 +128,10 @@ class PbsScheduler:
     submit_command: str = "qsub"
     exit_codes: dict[str, int] = field(default_factory=dict)
 
-    def submit(self, script: Path) -> str:
-        return submit_script(["qsub", str(script)], script)
+    def submit(self, script: Path, after: str | None = None) -> str:
+        # afterany: whatever way the job before ends (walltime, failure), this one may start then.
+        depend = ["-W", f"depend=afterany:{after}"] if after else []
+        return submit_script(["qsub", *depend, str(script)], script)
 
     def state(self, job_id: str) -> JobState:
         # -x includes finished jobs, whose Exit_status we keep for the event log.
@@ -177,8 +182,11 @@ class SlurmScheduler:
 
     submit_command: str = "sbatch"
 
-    def submit(self, script: Path) -> str:
-        return submit_script(["sbatch", "--parsable", str(script)], script)
+    def submit(self, script: Path, after: str | None = None) -> str:
+        # afterany takes the bare job number ("123" of "123;cluster"): the script's own directives put
+        # the new job on the same cluster.
+        depend = [f"--dependency=afterany:{split_slurm_job_id(after)[0]}"] if after else []
+        return submit_script(["sbatch", "--parsable", *depend, str(script)], script)
 
     def state(self, job_id: str) -> JobState:
         number, cluster = split_slurm_job_id(job_id)
@@ -255,7 +263,11 @@ class LocalScheduler:
     processes: dict[int, subprocess.Popen] = field(default_factory=dict)
     exit_codes: dict[int, int] = field(default_factory=dict)
 
-    def submit(self, script: Path) -> str:
+    def submit(self, script: Path, after: str | None = None) -> str:
+        if after:
+            raise ChemFLError(
+                "a local job starts at once: there is no queue to wait in ahead of time; remove queue-ahead"
+            )
         bash = require_on_path("bash")
         with next_log_path(script).open("w") as log:
             process = subprocess.Popen(
@@ -306,8 +318,8 @@ class SchedulerBackend:
         if not target.script.is_file():
             raise ChemFLError(f"{target.facility}: batch script {target.script} does not exist; render it first")
 
-    def submit(self, target: JobTarget) -> str:
-        return self.scheduler.submit(target.script)
+    def submit(self, target: JobTarget, after: str | None = None) -> str:
+        return self.scheduler.submit(target.script, after=after)
 
     def state(self, job_id: str) -> JobState:
         return self.scheduler.state(job_id)

@@ -11,7 +11,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -60,6 +60,10 @@ class TrainSpec:
         if spec.warmup_steps < 0:
             raise ChemFLError(f"train.warmup-steps = {spec.warmup_steps} must be >= 0")
         return spec
+
+    def for_task(self, local_steps: int, lr_scale: float | None) -> TrainSpec:
+        """These settings as one task asks: its optimizer steps, and its learning rate scaled (FedQueue)."""
+        return replace(self, local_steps=local_steps, lr=self.lr * (1.0 if lr_scale is None else lr_scale))
 
 
 @dataclass
@@ -135,6 +139,15 @@ def batch_order_seed(train_seed: int, batch_order_key: int, partition_id: int) -
     """The seed of a task's batch order: different for every task (round, or asynchronous dispatch;
     protocol.Task.batch_order_key) and facility, reproducible from the seeds."""
     return train_seed * 1_000_003 + batch_order_key * 1_009 + partition_id
+
+
+def dropout_seed(seed: int, rank: int = 0) -> int:
+    """The torch seed of a task's random draws (LoRA dropout masks) on `rank`: a function of the task's
+    seed alone, never of what the process ran before. torch seeds its default generator at random
+    in every new process (2.13: `torch.initial_seed()` differs from run to run), and a simulation's Ray
+    actor trains whichever facility's task comes next, so without it two runs of one seed drift apart
+    from their first update. Ranks get their own masks, as in DDP."""
+    return (seed * 1_000_003 + rank) % (2**63)
 
 
 def collective_in_one_buffer(tensors: Sequence[torch.Tensor], collective: Callable[[torch.Tensor], object]) -> None:
@@ -219,6 +232,9 @@ def train_local(
     with grad_accum > 1 the data-parallel one weighs micro-batches by their answer tokens instead of
     equally. The reported loss is the mean over steps of the step loss summed over ranks; tokens are
     every rank's. Dropout masks are drawn per rank, as in DDP.
+
+    Every random draw (dropout) comes from `seed` (and the rank): the same task trains the same
+    whatever the process did before it (`dropout_seed`).
     """
     if not len(examples):
         raise ChemFLError("this node has no training examples")
@@ -230,6 +246,7 @@ def train_local(
     )
     stream = example_stream(examples, seed)
     world = data_parallel.world_size if data_parallel is not None else 1
+    torch.manual_seed(dropout_seed(seed, data_parallel.rank if data_parallel is not None else 0))
     model.train()
     losses, tokens = [], 0
     started = time.perf_counter()

@@ -150,6 +150,7 @@ def test_resubmits_with_doubling_backoff_then_gives_up(fake, clock, tmp_path):
             "resubmit_at": None,
             "last_event": "gave-up",
             "last_event_time": 1295,
+            "ahead_job_id": None,
         }
     ]
 

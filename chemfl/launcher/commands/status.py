@@ -38,7 +38,10 @@ def run(args: argparse.Namespace) -> int:
             state += f", now {current[row['facility']]}"
         facility_waits = waits.get(row["facility"]) or []
         wait = f"{sum(facility_waits) / len(facility_waits):.0f} s" if facility_waits else "-"
-        table.add_row(row["facility"], row["backend"], row["job_id"] or "-", state, str(row["attempts"]), last, wait)
+        job = row["job_id"] or "-"
+        if row.get("ahead_job_id"):
+            job += f" (next: {row['ahead_job_id']}, queued ahead)"
+        table.add_row(row["facility"], row["backend"], job, state, str(row["attempts"]), last, wait)
     console = Console()
     if not console.is_terminal:  # logs and pipes: room for the table
         console.width = 120

@@ -157,6 +157,7 @@ def job_targets(plan: LaunchPlan, rendered: list[Rendered]) -> list[JobTarget]:
             globus_endpoint=item.facility.globus_endpoint,
             globus_config=dict(item.facility.globus_config),
             resubmit_note=item.facility.resubmit_note,
+            queue_ahead=item.facility.queue_ahead,
         )
         for item in rendered
     ]
@@ -188,6 +189,8 @@ def run(args: argparse.Namespace) -> int:
     for facility in facilities:
         if facility.resubmit_note:
             print(f"{facility.name}: {facility.resubmit_note}")
+        if facility.queue_ahead:
+            print(f"{facility.name}: {queue_ahead_note(facility)}" + ("" if args.watch else " (with --watch)"))
     if args.dry_run:
         print_dry_run(args, rendered)
         return 0
@@ -226,6 +229,16 @@ def run(args: argparse.Namespace) -> int:
         "Watcher stopped" + (" (every facility gave up)" if all(job.state == "gave-up" for job in watcher.jobs) else "")
     )
     return 0
+
+
+def queue_ahead_note(facility: Facility) -> str:
+    if facility.queue_ahead == "early":
+        return (
+            "queue-ahead early: the next job is submitted, without a dependency, at this one's start + walltime - "
+            "its queue wait; it may start before this one ends"
+        )
+    option = "-W depend=afterany:<job>" if facility.profile.scheduler == "pbs" else "--dependency=afterany:<job>"
+    return f"queue-ahead: the next job is submitted with {option} as soon as this one runs"
 
 
 def _terminate(signum, frame) -> None:

@@ -35,6 +35,11 @@ class FakeSchedulers:
         """The scheduler no longer knows the job (purged from its history)."""
         self.job_file(job_id).unlink()
 
+    def dependency(self, job_id: str) -> str | None:
+        """What the job was submitted to wait for ("afterany:1001"), or None."""
+        path = self.root / "jobs" / f"{job_id}.depend"
+        return path.read_text().strip() if path.exists() else None
+
     def set_pbs_used_walltime(self, job_id: str, used: str) -> None:
         (self.root / "jobs" / f"{job_id}.used").write_text(used + "\n")
 

@@ -2,6 +2,7 @@
 #   next_id       the last job number handed out
 #   jobs/<id>     the job's state: a PBS letter (Q R F ...) or a Slurm word (PENDING RUNNING ...)
 #   jobs/<id>.used, jobs/<id>.exit   PBS resources_used.walltime and Exit_status, when a test sets them
+#   jobs/<id>.depend   the dependency it was submitted with (qsub -W depend=..., sbatch --dependency=...)
 #   calls.log     one line per call: "<cwd><TAB><command> <args>"
 # FAKE_SCHED_FAIL=qsub,qstat,... makes those commands fail the way a rejected request does.
 set -euo pipefail
