@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--target-loss", type=float, default=3.8)
     parser.add_argument("--hours", type=float, default=24.0)
     parser.add_argument("--campaigns", default="emulated,spikes")
-    parser.add_argument("--strategies", default="fedavg,fedasync,fedbuff,walltime-aware")
+    parser.add_argument("--strategies", default="fedavg,fedasync,fedbuff,fedcompass,fedqueue,walltime-aware")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reuse", action="store_true", help="read finished run folders again instead of rerunning")
     parser.add_argument(

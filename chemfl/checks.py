@@ -38,8 +38,8 @@ def check_run_config(config: dict[str, Scalar]) -> RunSpecs:
     strategy = StrategySpec.from_config(config)
     if str(config["resume"]) and (not strategy.asynchronous or strategy.virtual_time):
         raise ChemFLError(
-            "resume is for asynchronous runs in real time (strategy.name = fedbuff, fedasync or "
-            "walltime-aware, emulation.virtual-time = false); rerun an emulated campaign instead"
+            "resume is for asynchronous runs in real time (strategy.name = fedbuff, fedasync, walltime-aware, "
+            "fedcompass or fedqueue, emulation.virtual-time = false); rerun an emulated campaign instead"
         )
     parse_slowdown(str(config["emulation.slowdown"]))
     facilities = tuple(split_list(str(config["data.facilities"])))

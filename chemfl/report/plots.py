@@ -37,12 +37,22 @@ STRATEGY_COLOURS = {
     "fedavg": "#0072B2",
     "fedasync": "#E69F00",
     "fedbuff": "#009E73",
+    "fedcompass": "#56B4E9",
+    "fedqueue": "#F0E442",
     "centralized": "#000000",
     "local": "#D55E00",
 }
 OTHER_STRATEGY_COLOUR = "#CC79A7"
 BASE_MODEL_COLOUR = "#999999"
-STRATEGY_MARKERS = {"fedavg": "o", "fedasync": "s", "fedbuff": "^", "centralized": "v", "local": "P"}
+STRATEGY_MARKERS = {
+    "fedavg": "o",
+    "fedasync": "s",
+    "fedbuff": "^",
+    "fedcompass": "<",
+    "fedqueue": ">",
+    "centralized": "v",
+    "local": "P",
+}
 OTHER_STRATEGY_MARKER = "D"
 LINE_STYLES = ("-", "--", ":", "-.")
 HATCHES = ("", "//", "..", "xx")
