@@ -13,7 +13,9 @@ from tests.tiny import save_tiny_llama
 PROJECT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("strategy", ["fedbuff", "fedasync"])
+# FedBuff only: FedAsync and the other rules share this loop and Flower path (their rules are tested
+# on their own, and through emulated campaigns); one `flwr run` of ~70 s per strategy would cost CI more.
+@pytest.mark.parametrize("strategy", ["fedbuff"])
 def test_async_simulation_completes_and_fast_nodes_contribute_more(tmp_path, strategy):
     run_config = {
         "run-name": strategy,
