@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from chemfl.config import resolve
 from chemfl.server_app.async_loop import LoopSettings
 from chemfl.server_app.strategy_spec import StrategySpec
@@ -45,3 +47,11 @@ def settings(**changes) -> LoopSettings:
         eval_every=spec.eval_every,
     )
     return dataclasses.replace(defaults, **changes)
+
+
+def adapter(value: float) -> dict[str, np.ndarray]:
+    """A two-tensor stand-in adapter, every entry `value`."""
+    return {
+        "m.lora_A.weight": np.full((2, 3), value, np.float32),
+        "m.lora_B.weight": np.full((4, 2), value, np.float32),
+    }

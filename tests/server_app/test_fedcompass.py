@@ -10,18 +10,11 @@ from chemfl.errors import ChemFLError
 from chemfl.server_app.rules import FedCompassRule, NodeView, TaskOutcome, Update
 from chemfl.server_app.strategies import FedCompass, make_strategy
 from chemfl.server_app.strategy_spec import StrategySpec
-from tests.server_app.rule_defaults import rule
+from tests.server_app.rule_defaults import adapter, rule
 
 
 def fedcompass(**changes) -> FedCompassRule:
     return rule("fedcompass", **{"min_steps": 2, "max_steps": 20, **changes})
-
-
-def adapter(value: float) -> dict[str, np.ndarray]:
-    return {
-        "m.lora_A.weight": np.full((2, 3), value, np.float32),
-        "m.lora_B.weight": np.full((4, 2), value, np.float32),
-    }
 
 
 class Run:

@@ -20,18 +20,11 @@ from chemfl.server_app.rules import (
 )
 from chemfl.server_app.strategies import FedQueue, make_strategy
 from chemfl.server_app.strategy_spec import StrategySpec
-from tests.server_app.rule_defaults import rule
+from tests.server_app.rule_defaults import adapter, rule
 
 
 def fedqueue(**changes) -> FedQueueRule:
     return rule("fedqueue", **changes)
-
-
-def adapter(value: float) -> dict[str, np.ndarray]:
-    return {
-        "m.lora_A.weight": np.full((2, 3), value, np.float32),
-        "m.lora_B.weight": np.full((4, 2), value, np.float32),
-    }
 
 
 class Run:
