@@ -70,15 +70,21 @@ def _adapter_name(name: str) -> str:
     return name.replace(".default.", ".")
 
 
+def _exchanged_parameters(peft_model, spec: LoraSpec) -> OrderedDict[str, torch.nn.Parameter]:
+    """The parameters that travel, by exchanged name: every LoRA A and B, or only B under freeze-a."""
+    return OrderedDict(
+        (_adapter_name(name), parameter)
+        for name, parameter in peft_model.named_parameters()
+        if ".lora_B." in name or (".lora_A." in name and not spec.freeze_a)
+    )
+
+
 def exchanged_state(peft_model, spec: LoraSpec) -> OrderedDict[str, torch.Tensor]:
     """The tensors that travel, fp32 on CPU: every LoRA A and B, or only B under freeze-a."""
-    state = OrderedDict()
-    for name, parameter in peft_model.named_parameters():
-        if ".lora_A." in name and spec.freeze_a:
-            continue
-        if ".lora_A." in name or ".lora_B." in name:
-            state[_adapter_name(name)] = parameter.detach().to("cpu", torch.float32).clone()
-    return state
+    return OrderedDict(
+        (name, parameter.detach().to("cpu", torch.float32).clone())
+        for name, parameter in _exchanged_parameters(peft_model, spec).items()
+    )
 
 
 def load_exchanged_state(peft_model, spec: LoraSpec, state: dict[str, torch.Tensor]) -> None:
@@ -102,8 +108,8 @@ def load_exchanged_state(peft_model, spec: LoraSpec, state: dict[str, torch.Tens
 
 
 def adapter_layout(peft_model, spec: LoraSpec) -> AdapterLayout:
-    """The layout of this model's exchanged tensors in the packed vector."""
-    return AdapterLayout.of(exchanged_state(peft_model, spec))
+    """The layout of this model's exchanged tensors in the packed vector (shapes only: nothing copied)."""
+    return AdapterLayout.of(_exchanged_parameters(peft_model, spec))
 
 
 def packed_state(peft_model, spec: LoraSpec) -> dict[str, np.ndarray]:
