@@ -205,6 +205,7 @@ class RunLine:
     seed: int | None = None
     virtual_time: bool = False
     facilities: dict[str, dict[str, int]] = field(default_factory=dict)  # name -> {nodes, supernodes}
+    objective: str = ""  # emulated campaigns: "model" (real training) or "surrogate" (chemfl.emulation.surrogate)
 
 
 @dataclass(frozen=True)

@@ -105,10 +105,12 @@ class CampaignSpec:
         """Seconds job number `job` (0, 1, ...) of `facility` waits before it starts, counted from its
         submission (with queue-ahead, the start of the job before it: it may start no sooner than that
         job's end)."""
-        if self.trace is not None:
-            waits = self.trace[facility]
-            return waits[job % len(waits)]
         index = [f.name for f in self.facilities].index(facility)
+        if self.trace is not None:
+            # Each seed replays the recorded waits in order from its own starting job (cycling).
+            waits = self.trace[facility]
+            start = int(np.random.default_rng([self.seed, index]).integers(len(waits)))
+            return waits[(start + job) % len(waits)]
         rng = np.random.default_rng([self.seed, index, job])
         wait = self.facility(facility).queue_median * math.exp(self.queue_sigma * rng.standard_normal())
         if rng.random() < self.spike_probability:

@@ -36,7 +36,9 @@ from flwr.serverapp import Grid
 from chemfl import protocol
 from chemfl.emulation.campaign import CampaignSpec
 from chemfl.errors import ChemFLError
-from chemfl.protocol import JobLine, NodeInfo, Task, TrainReport, task_local_steps
+from chemfl.protocol import JobLine, NodeInfo, RunLine, Task, TrainReport, task_local_steps
+from chemfl.server_app.strategies import RunHooks
+from chemfl.server_app.strategy_spec import StrategySpec
 
 NODE_UNAVAILABLE = 5  # flwr.common.constant.ErrorCode.NODE_UNAVAILABLE: what a vanished SuperNode produces
 
@@ -295,3 +297,36 @@ class EmulatedGrid:
 
     def _record_job(self, facility: str, index: int, state: str, reason: str | None = None) -> None:
         self.record(protocol.to_json(JobLine(facility, index, state, self.now, reason=reason)))
+
+
+def emulated_run(
+    nodes: Grid,
+    campaign: CampaignSpec,
+    real_node_of: dict[str, int],
+    spec: StrategySpec,
+    record: Callable[[dict], None],
+    alarm: Callable[[], float | None],
+    objective: str,
+) -> tuple[EmulatedGrid, RunHooks]:
+    """(EmulatedGrid, RunHooks) for a virtual-time campaign over `nodes` (real SuperNodes, or the
+    surrogate's): virtual clock, batch jobs, queue waits, and the run line first (no checkpoints:
+    the campaign is rerun from its seed instead). `alarm` is the rule's next deadline: the virtual
+    clock stops there, so a rule that aggregates on a clock does it on time."""
+    facilities = [f.name for f in campaign.facilities]
+    run_line = RunLine(
+        strategy=spec.name,
+        campaign=campaign.name,
+        seed=campaign.seed,
+        virtual_time=True,
+        facilities={name: {"nodes": 1, "supernodes": 1} for name in facilities},
+        objective=objective,
+    )
+    record(protocol.to_json(run_line))
+    emulated = EmulatedGrid(nodes, campaign, real_node_of, spec.local_steps, record, alarm=alarm)
+    hooks = RunHooks(
+        record=record,
+        clock=emulated.clock,
+        sleep=emulated.sleep,
+        facility_of={emulated.node_id(name): name for name in facilities},
+    )
+    return emulated, hooks

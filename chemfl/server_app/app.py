@@ -22,12 +22,12 @@ from chemfl.config import resolve
 from chemfl.data_prep import store
 from chemfl.data_prep.build import build_dataset
 from chemfl.emulation.campaign import CampaignSpec
-from chemfl.emulation.grid import EmulatedGrid, discover_facilities
+from chemfl.emulation.grid import discover_facilities, emulated_run
 from chemfl.errors import ChemFLError
 from chemfl.llm.adapter_init import adapter_skeleton
 from chemfl.llm.lora import adapter_layout, frozen_a_digest, packed_state
 from chemfl.llm.session import get_session
-from chemfl.protocol import RunLine, Task
+from chemfl.protocol import Task
 from chemfl.server_app.baselines import run_baseline
 from chemfl.server_app.checkpoint import AsyncState, Checkpointer, checkpoint_misfit_message, read_run_config
 from chemfl.server_app.evaluation import CentralEvaluator, LocalEvaluation, before_after_table
@@ -94,35 +94,12 @@ def check_connected_nodes(grid: Grid, wait_seconds: float = 10.0, timeout: float
 def campaign_hooks(
     grid: Grid, campaign: CampaignSpec, spec: StrategySpec, outputs: RunOutputs, alarm: Callable[[], float | None]
 ) -> tuple:
-    """(EmulatedGrid, RunHooks) for a virtual-time campaign: virtual clock, batch jobs, queue waits
-    (no checkpoints: the campaign is rerun from its seed instead). `alarm` is the rule's next
-    deadline: the virtual clock stops there, so a rule that aggregates on a clock does it on time."""
-    facilities = [f.name for f in campaign.facilities]
+    """(EmulatedGrid, RunHooks) for a virtual-time campaign on the SuperNodes, one per facility
+    (each asked which facility it serves)."""
     grid = PromptGrid(grid)
-    real = discover_facilities(grid, len(facilities))
-    run_line = RunLine(
-        strategy=spec.name,
-        campaign=campaign.name,
-        seed=campaign.seed,
-        virtual_time=True,
-        facilities={name: {"nodes": 1, "supernodes": 1} for name in facilities},
-    )
-    outputs.append_metrics(protocol.to_json(run_line))
-    emulated = EmulatedGrid(
-        grid,
-        campaign,
-        {facility: node for node, facility in real.items()},
-        spec.local_steps,
-        outputs.append_metrics,
-        alarm=alarm,
-    )
-    hooks = RunHooks(
-        record=outputs.append_metrics,
-        clock=emulated.clock,
-        sleep=emulated.sleep,
-        facility_of={emulated.node_id(name): name for name in facilities},
-    )
-    return emulated, hooks
+    real = discover_facilities(grid, len(campaign.facilities))
+    real_node_of = {facility: node for node, facility in real.items()}
+    return emulated_run(grid, campaign, real_node_of, spec, outputs.append_metrics, alarm, objective="model")
 
 
 def prepare_run(config: dict, specs: RunSpecs, resume: str) -> tuple[Path, list[str], list[dict], RunOutputs]:

@@ -180,15 +180,22 @@ def test_replayed_trace_reproduces_its_queue_waits(tmp_path):
             clock += wait + 3600
     trace.write_text("".join(json.dumps(e) + "\n" for e in events))
     spec = campaign(queue_trace=str(trace))
-    assert [spec.queue_wait("polaris", k) for k in range(3)] == [120.0, 900.0, 120.0]
-    assert [spec.queue_wait("frontier", k) for k in range(3)] == [5.0, 6.0, 7.0]
+    # The recorded waits in order, cycled, from a starting job the seed picks per facility.
+    frontier = [spec.queue_wait("frontier", k) for k in range(4)]
+    assert frontier in ([5.0, 6.0, 7.0, 5.0], [6.0, 7.0, 5.0, 6.0], [7.0, 5.0, 6.0, 7.0])
+    assert [spec.queue_wait("polaris", k) for k in range(3)] in ([120.0, 900.0, 120.0], [900.0, 120.0, 900.0])
+    starting_jobs = {
+        tuple(campaign(queue_trace=str(trace), seed=seed).queue_wait("frontier", k) for k in range(3))
+        for seed in range(6)
+    }
+    assert len(starting_jobs) > 1  # seeds replay the trace from different points
     lines, _, _ = run_campaign(spec, fedbuff(buffer_size=2), hours=3)
     starts = [
         line["time"]
         for line in lines
         if line["event"] == "job" and line["state"] == "running" and line["facility"] == "frontier"
     ]
-    assert starts[:2] == [5.0, 5.0 + 7200 + 6.0]
+    assert starts[:2] == [frontier[0], frontier[0] + 7200 + frontier[1]]
 
 
 def test_walltime_aware_never_loses_work_and_skips_what_cannot_finish():
