@@ -225,9 +225,8 @@ def main() -> None:
             table.add_row(campaign, *row)
         table.add_section()
     Console(width=220).print(table)
-    print(
-        f"{len(strategies) * len(seeds) * len(args.campaigns.split(','))} cells in {time.perf_counter() - started:.0f} s"
-    )
+    cells = len(strategies) * len(seeds) * len(args.campaigns.split(","))
+    print(f"{cells} cells in {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":
