@@ -7,14 +7,23 @@ multi-seed study of seven strategies on three campaigns would take a day. The su
 everything a strategy sees and decides (the run loop, the rule, the emulated grid's queue waits,
 walltimes, start-up, lost work, metrics.jsonl) and replaces only what a task computes:
 
-- Each facility i has a quadratic loss f_i(x) = floor + 1/2 sum_j a_j (x_j - c_ij)^2 over a
-  `dims`-dimensional model x. Curvatures a_j spread geometrically over `condition` (an
-  ill-conditioned problem: a few directions are learnt fast, the rest over hundreds of steps,
-  as a fine-tuning loss curve flattens). The test loss is the mean over facilities.
-- Non-IID data is a different optimum per facility: c_i = centre + heterogeneity x u_i (u_i fixed
-  per facility). `data.partition-scheme = "by-task"` (the seed paper's split by task group) uses
-  `by_task_heterogeneity`, anything else `iid_heterogeneity`. Local steps drift towards c_i, so
-  many local steps and stale updates cost progress, as on the real federation.
+- The model x has `shared_dims` directions every task uses (answer format, the vocabulary of
+  SMILES and names) and, with data split by task group (`data.partition-scheme = "by-task"`, the
+  seed paper's split), `task_dims` directions per facility that only its tasks use. Facility i's
+  loss is f_i(x) = b + 1/2 sum_j m_ij a_j (x_j - c_ij)^2 over the directions it uses (m_ij = 1).
+  Within each group of directions the curvatures a_j spread geometrically over `condition` (a few
+  directions are learnt fast, the rest over hundreds of steps, as a fine-tuning loss flattens).
+  The test loss is the mean of the f_i (the test set holds every task group). Any other partition
+  (iid) shares every direction among all facilities.
+- Non-IID data also moves each facility's optimum on the shared directions: c_ij = centre_j x
+  (1 + heterogeneity x u_ij), u fixed per facility and centred over them (`by_task_heterogeneity`,
+  else `iid_heterogeneity`), so local steps drift and a facility's own direction is not the
+  federation's. Training on one task group also forgets the others: its steps pull the other
+  facilities' directions back towards the untrained model (x_j -> 0) at `forgetting` x their
+  curvature. Averaging the updates of facilities that hold different tasks divides each group's
+  progress among them, a round or a mix dominated by one facility forgets the rest, and mixing a
+  model trained from an older version pulls other groups' progress back: the effects that
+  separate the rules on the real federation.
 - A task runs `steps` SGD steps from the adapter it was sent, at `lr` x the task's lr-scale, with
   gradient noise `noise` (drawn from the campaign seed, the facility and the task id: a seed's
   campaign is the same on any machine and in any order). It reports steps x examples per step as
@@ -55,62 +64,85 @@ class SurrogateObjective:
     """Per-facility quadratic losses; see the module docstring for the model and its defaults."""
 
     facilities: tuple[str, ...]
-    heterogeneity: float
+    by_task: bool
     examples_per_step: int
-    dims: int = 24
-    condition: float = 300.0  # largest / smallest curvature
+    shared_dims: int = 8
+    task_dims: int = 8  # per facility, by-task only
+    condition: float = 300.0  # largest / smallest curvature in a group of directions
     initial_excess: float = 3.0  # test loss at x = 0 above the pooled optimum's (a fresh adapter)
-    floor: float = 1.0  # loss no model goes below
-    lr: float = 0.1  # x the largest curvature
+    floor: float = 1.0  # test loss at the pooled optimum
+    lr: float = 0.4  # x the largest curvature: 5 steps learn the fastest directions almost whole
     noise: float = 0.1  # gradient noise per step, per unit curvature
+    forgetting: float = 0.3  # pull of a facility's steps on the other facilities' directions
     iid_heterogeneity: float = 0.05
     by_task_heterogeneity: float = 0.5
 
     @classmethod
     def for_run(cls, config: dict[str, Scalar], specs: RunSpecs) -> SurrogateObjective:
-        facilities = tuple(f.name for f in specs.campaign.facilities)
-        by_task = str(config["data.partition-scheme"]) == "by-task"
         return cls(
-            facilities=facilities,
-            heterogeneity=cls.by_task_heterogeneity if by_task else cls.iid_heterogeneity,
+            facilities=tuple(f.name for f in specs.campaign.facilities),
+            by_task=str(config["data.partition-scheme"]) == "by-task",
             examples_per_step=specs.train.batch_size * specs.train.grad_accum,
         )
 
     @property
+    def heterogeneity(self) -> float:
+        return self.by_task_heterogeneity if self.by_task else self.iid_heterogeneity
+
+    @property
+    def dims(self) -> int:
+        return self.shared_dims + (self.task_dims * len(self.facilities) if self.by_task else 0)
+
+    @property
     def curvatures(self) -> np.ndarray:
-        return np.geomspace(1.0, 1.0 / self.condition, self.dims)
+        groups = 1 + (len(self.facilities) if self.by_task else 0)
+        sizes = [self.shared_dims] + [self.task_dims] * (groups - 1)
+        return np.concatenate([np.geomspace(1.0, 1.0 / self.condition, size) for size in sizes])
+
+    def uses(self, facility: str) -> np.ndarray:
+        """m_i: 1 on the directions facility i's tasks use."""
+        mask = np.zeros(self.dims)
+        mask[: self.shared_dims] = 1.0
+        if self.by_task:
+            first = self.shared_dims + self.task_dims * self.facilities.index(facility)
+            mask[first : first + self.task_dims] = 1.0
+        else:
+            mask[:] = 1.0
+        return mask
 
     @property
     def centre(self) -> np.ndarray:
-        # Every direction starts with the same share of the initial excess loss.
-        return np.sqrt(2.0 * self.initial_excess / (self.dims * self.curvatures))
+        """The pooled optimum; every direction holds the same share of the initial excess loss."""
+        share = np.mean([self.uses(f) for f in self.facilities], axis=0)  # of the test loss each direction is in
+        return np.sqrt(2.0 * self.initial_excess / (self.dims * self.curvatures * share))
 
     def optimum(self, facility: str) -> np.ndarray:
-        # Directions centred over the facilities: the pooled optimum is the centre.
-        directions = np.random.default_rng(7919).standard_normal((len(self.facilities), self.dims))
-        directions -= directions.mean(axis=0)
-        return self.centre * (1.0 + self.heterogeneity * directions[self.facilities.index(facility)])
-
-    def _spread(self) -> float:
-        """Mean over facilities of 1/2 sum_j a_j (centre_j - c_ij)^2: what no shared model escapes."""
-        return float(np.mean([self._quadratic(self.centre, f) for f in self.facilities]))
+        directions = np.random.default_rng(7919).standard_normal((len(self.facilities), self.shared_dims))
+        directions -= directions.mean(axis=0)  # centred: the pooled optimum stays the centre
+        optimum = self.centre.copy()
+        optimum[: self.shared_dims] *= 1.0 + self.heterogeneity * directions[self.facilities.index(facility)]
+        return optimum
 
     def _quadratic(self, x: np.ndarray, facility: str) -> float:
-        return 0.5 * float(np.sum(self.curvatures * (x - self.optimum(facility)) ** 2))
+        return 0.5 * float(np.sum(self.uses(facility) * self.curvatures * (x - self.optimum(facility)) ** 2))
 
     def loss(self, facility: str, x: np.ndarray) -> float:
         """f_i, offset so that the test loss (their mean) is `floor` at the pooled optimum."""
-        return self.floor - self._spread() + self._quadratic(x, facility)
+        spread = float(np.mean([self._quadratic(self.centre, f) for f in self.facilities]))
+        return self.floor - spread + self._quadratic(x, facility)
 
     def test_loss(self, x: np.ndarray) -> float:
         return float(np.mean([self.loss(facility, x) for facility in self.facilities]))
 
     def train(self, facility: str, x: np.ndarray, steps: int, lr_scale: float, seed: list[int]) -> np.ndarray:
+        """`steps` noisy gradient steps on f_i, forgetting the other facilities' directions."""
         rng = np.random.default_rng(seed)
-        a, target, lr = self.curvatures, self.optimum(facility), self.lr * lr_scale
+        used = self.uses(facility)
+        a, target, lr = self.curvatures * used, self.optimum(facility), self.lr * lr_scale
+        forget = self.forgetting * self.curvatures * (1.0 - used)
         x = x.astype(np.float64).copy()
         for _ in range(steps):
-            gradient = a * (x - target) + self.noise * np.sqrt(a) * rng.standard_normal(self.dims)
+            gradient = a * (x - target) + forget * x + self.noise * np.sqrt(a) * rng.standard_normal(self.dims)
             x -= lr * gradient
         return x
 

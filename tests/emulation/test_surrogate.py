@@ -22,8 +22,8 @@ SPIKES = PROJECT / "recipes" / "four-facilities-spikes.toml"
 FACILITIES = ("polaris", "aurora", "frontier", "perlmutter")
 
 
-def objective(heterogeneity: float = 0.5) -> SurrogateObjective:
-    return SurrogateObjective(FACILITIES, heterogeneity=heterogeneity, examples_per_step=8)
+def objective(by_task: bool = True) -> SurrogateObjective:
+    return SurrogateObjective(FACILITIES, by_task=by_task, examples_per_step=8)
 
 
 def test_test_loss_is_the_floor_at_the_pooled_optimum_and_floor_plus_excess_at_zero():
@@ -34,21 +34,34 @@ def test_test_loss_is_the_floor_at_the_pooled_optimum_and_floor_plus_excess_at_z
     assert all(surrogate.test_loss(surrogate.optimum(f)) > surrogate.floor + 0.01 for f in FACILITIES)
 
 
-def test_by_task_data_spreads_the_optima_further_than_iid():
-    def spread(surrogate: SurrogateObjective) -> float:
-        return float(np.mean([np.linalg.norm(surrogate.optimum(f) - surrogate.centre) for f in FACILITIES]))
+def test_by_task_data_gives_each_facility_its_own_directions_and_spreads_the_shared_optimum():
+    by_task, iid = objective(True), objective(False)
+    assert iid.uses("aurora").all() and by_task.uses("aurora").sum() == by_task.shared_dims + by_task.task_dims
+    assert not (by_task.uses("aurora") * by_task.uses("frontier"))[by_task.shared_dims :].any()
 
-    assert spread(objective(0.5)) > 5 * spread(objective(0.05))
-    assert (
-        SurrogateObjective.for_run(
-            resolve(load_run_config(str(SPIKES))), check_run_config(resolve(load_run_config(str(SPIKES))))
-        ).heterogeneity
-        == SurrogateObjective.by_task_heterogeneity
-    )
+    def spread(surrogate: SurrogateObjective) -> float:  # relative to the shared optimum
+        distances = [np.linalg.norm(surrogate.optimum(f) - surrogate.centre) for f in FACILITIES]
+        return float(np.mean(distances) / np.linalg.norm(surrogate.centre[: surrogate.shared_dims]))
+
+    assert spread(by_task) > 5 * spread(iid)
+    config = resolve(load_run_config(str(SPIKES)))
+    assert SurrogateObjective.for_run(config, check_run_config(config)).by_task  # the study's recipes
+
+
+def test_training_on_one_task_group_forgets_the_others():
+    surrogate = objective(True)
+    own = surrogate.uses("frontier").astype(bool)
+    learnt = surrogate.centre.copy()  # every group learnt
+    trained = surrogate.train("frontier", learnt, steps=20, lr_scale=1.0, seed=[0])
+    assert np.all(np.abs(trained[~own]) < np.abs(learnt[~own]))  # pulled back towards the untrained model
+    assert surrogate.loss("aurora", trained) > surrogate.loss("aurora", learnt)
+    untouched = surrogate.train("frontier", np.zeros(surrogate.dims), steps=20, lr_scale=1.0, seed=[0])
+    np.testing.assert_array_equal(untouched[~own], 0.0)  # nothing to forget, nothing learnt elsewhere
 
 
 def test_local_training_moves_towards_the_facility_optimum_at_the_scaled_rate():
-    surrogate, start = objective(), np.zeros(24)
+    surrogate = objective()
+    start = np.zeros(surrogate.dims)
     short = surrogate.train("aurora", start, steps=5, lr_scale=1.0, seed=[0, 2, 1])
     long = surrogate.train("aurora", start, steps=50, lr_scale=1.0, seed=[0, 2, 1])
     assert surrogate.loss("aurora", long) < surrogate.loss("aurora", short) < surrogate.loss("aurora", start)
