@@ -65,26 +65,37 @@ def register_simulate(verbs: argparse._SubParsersAction) -> None:
         help="run this many ClientApps at once whatever the core count (e.g. 4 with "
         "--cpus-per-client 1, so an emulated slow facility does not hold up the others)",
     )
-    simulate.add_argument(
+    add_recipe_overrides(simulate, example="strategy.name=fedbuff")
+    simulate.set_defaults(handler=run_simulate)
+
+
+def add_recipe_overrides(parser: argparse.ArgumentParser, example: str) -> None:
+    parser.add_argument(
         "--set",
         metavar="KEY=VALUE",
         action="append",
         default=[],
         dest="overrides",
-        help="override one knob of the recipe, e.g. --set strategy.name=fedbuff (repeatable)",
+        help=f"override one knob of the recipe, e.g. --set {example} (repeatable)",
     )
-    simulate.set_defaults(handler=run_simulate)
+
+
+def recipe_overrides(args: argparse.Namespace) -> dict:
+    """The --set overrides of an existing recipe file (args.recipe)."""
+    from chemfl.simulation import parse_overrides
+
+    if not args.recipe.is_file():
+        raise ChemFLError(f"recipe {args.recipe} does not exist")
+    return parse_overrides(args.overrides)
 
 
 def run_simulate(args: argparse.Namespace) -> int:
     from chemfl.checks import check_recipe
-    from chemfl.simulation import parse_overrides, simulate
+    from chemfl.simulation import simulate
 
-    if not args.recipe.is_file():
-        raise ChemFLError(f"recipe {args.recipe} does not exist")
+    overrides = recipe_overrides(args)
     if not (args.app / "pyproject.toml").is_file():
         raise ChemFLError(f"{args.app} is not a Flower App folder (no pyproject.toml); pass --app")
-    overrides = parse_overrides(args.overrides)
     check_recipe(args.recipe, overrides)
     result = simulate(
         args.recipe,
@@ -110,25 +121,16 @@ def register_emulate(verbs: argparse._SubParsersAction) -> None:
         "does, so chemfl report reads it.",
     )
     emulate.add_argument("recipe", type=Path, help="e.g. recipes/four-facilities-spikes.toml")
-    emulate.add_argument(
-        "--set",
-        metavar="KEY=VALUE",
-        action="append",
-        default=[],
-        dest="overrides",
-        help="override one knob of the recipe, e.g. --set strategy.name=fedqueue (repeatable)",
-    )
+    add_recipe_overrides(emulate, example="strategy.name=fedqueue")
     emulate.set_defaults(handler=run_emulate)
 
 
 def run_emulate(args: argparse.Namespace) -> int:
     from chemfl.data_prep.cli import load_run_config
     from chemfl.emulation.surrogate import run_surrogate_campaign
-    from chemfl.simulation import parse_overrides
 
-    if not args.recipe.is_file():
-        raise ChemFLError(f"recipe {args.recipe} does not exist")
-    config = resolve({**load_run_config(str(args.recipe)), **parse_overrides(args.overrides)})
+    overrides = recipe_overrides(args)
+    config = resolve({**load_run_config(str(args.recipe)), **overrides})
     folder = run_surrogate_campaign(config)
     print(f"chemfl: campaign written to {folder}; draw it with chemfl report {folder}")
     return 0
