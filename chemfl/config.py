@@ -45,6 +45,7 @@ DEFAULTS: dict[str, Scalar] = {
     "train.local-steps": 8,
     "train.batch-size": 4,
     "train.grad-accum": 1,
+    "train.distributed": "ddp",
     "train.lr": 0.001,
     "train.lr-schedule": "constant",
     "train.warmup-steps": 0,

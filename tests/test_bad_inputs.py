@@ -238,6 +238,16 @@ DOMAIN: dict[str, tuple[dict[str, Scalar], str, str]] = {
         "",
     ),
     "train.warmup-steps = -1": ({"train.warmup-steps": -1}, "train.warmup-steps", ""),
+    "train.distributed = 'zero3'": (
+        {"train.distributed": "zero3"},
+        "train.distributed = 'zero3'; use one of ddp, fsdp",
+        "",
+    ),
+    "train.distributed = 'fsdp' with model.quantization = '4bit'": (
+        {"train.distributed": "fsdp", "model.quantization": "4bit"},
+        "train.distributed = 'fsdp' shards the base weights, but model.quantization = '4bit'",
+        "",
+    ),
     "strategy.name = 'fedprox'": ({"strategy.name": "fedprox"}, "unknown strategy.name 'fedprox'", ""),
     "strategy.baseline-steps = -1": (
         {"strategy.name": "local", "strategy.baseline-steps": -1},

@@ -20,6 +20,7 @@ from chemfl.data_prep.formatting import IGNORE_INDEX
 from chemfl.errors import ChemFLError
 
 SCHEDULES = ("constant", "linear", "cosine")
+DISTRIBUTED = ("ddp", "fsdp")  # train.distributed: how the facility trainer's ranks hold the base model
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class TrainSpec:
     warmup_steps: int
     max_length: int
     seed: int
+    distributed: str = "ddp"
 
     @classmethod
     def from_config(cls, config: dict[str, Scalar]) -> TrainSpec:
@@ -44,9 +46,19 @@ class TrainSpec:
             warmup_steps=int(config["train.warmup-steps"]),
             max_length=int(config["train.max-length"]),
             seed=int(config["train.seed"]),
+            distributed=str(config["train.distributed"]),
         )
         if spec.lr_schedule not in SCHEDULES:
             raise ChemFLError(f"train.lr-schedule = {spec.lr_schedule!r}; use one of {', '.join(SCHEDULES)}")
+        if spec.distributed not in DISTRIBUTED:
+            raise ChemFLError(f"train.distributed = {spec.distributed!r}; use one of {', '.join(DISTRIBUTED)}")
+        quantization = str(config["model.quantization"])
+        if spec.distributed == "fsdp" and quantization != "none":
+            raise ChemFLError(
+                f"train.distributed = 'fsdp' shards the base weights, but model.quantization = {quantization!r} "
+                "(QLoRA) trains on one device: set train.distributed = 'ddp' (and start one rank), or set "
+                "model.quantization = 'none' to shard the unquantized model"
+            )
         for key, value in (
             ("train.local-steps", spec.local_steps),
             ("train.batch-size", spec.batch_size),
@@ -103,6 +115,58 @@ def answer_token_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()
     return torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum())
+
+
+def sharded_answer_token_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """`answer_token_loss` for a model sharded with FSDP: the same value through the model's own
+    forward (FSDP gathers a module's weights in that module's forward hooks, so the decoder cannot be
+    called around the root the way `answer_token_loss` does). The output layer runs on every position."""
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    loss_sum = torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum")
+    return loss_sum, int(keep.sum())
+
+
+def is_sharded(model) -> bool:
+    """Whether `shard_base_weights` sharded this model (its base weights are DTensors)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(parameter, DTensor) for parameter in model.parameters())
+
+
+def adapter_parameters(model) -> list[torch.nn.Parameter]:
+    """Every LoRA A and B matrix of a peft model (trained or frozen)."""
+    return [p for name, p in model.named_parameters() if ".lora_A." in name or ".lora_B." in name]
+
+
+def shard_base_weights(model, device: torch.device, world_size: int) -> None:
+    """train.distributed = "fsdp": shard the frozen base weights over the ranks with FSDP2
+    (`fully_shard` on every decoder layer, then at the root), so each rank holds 1/world of them.
+
+    The LoRA matrices are FSDP's ignored parameters: every rank keeps them whole, as under DDP, so the
+    adapter enters and leaves the model as before (lora.packed_state, load_packed_state, the trainer's
+    broadcast) and their gradients are summed by `DataParallel.sum_gradients`. FSDP itself reduces no
+    gradient (the base weights are frozen): nothing is averaged behind the data-parallel sum.
+    Every rank of the default process group must call this, on the same model."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    mesh = init_device_mesh(device.type, (world_size,))
+    ignored = set(adapter_parameters(model))
+    block_names = set(getattr(base, "_no_split_modules", None) or ())
+    blocks = [module for module in base.modules() if type(module).__name__ in block_names]
+    if not blocks:
+        raise ChemFLError(
+            f"train.distributed = 'fsdp' found no decoder layers to shard in {type(base).__name__} "
+            "(no _no_split_modules); use train.distributed = 'ddp'"
+        )
+    for block in blocks:
+        fully_shard(block, mesh=mesh, ignored_params=ignored)
+    fully_shard(base, mesh=mesh, ignored_params=ignored)
 
 
 def example_stream(examples: Sequence[dict | None], seed: int) -> Iterator[dict]:
@@ -246,6 +310,7 @@ def train_local(
     )
     stream = example_stream(examples, seed)
     world = data_parallel.world_size if data_parallel is not None else 1
+    loss_of = sharded_answer_token_loss if is_sharded(model) else answer_token_loss
     torch.manual_seed(dropout_seed(seed, data_parallel.rank if data_parallel is not None else 0))
     model.train()
     losses, tokens = [], 0
@@ -262,7 +327,7 @@ def train_local(
         step_loss = 0.0
         for batch in micro_batches:
             with accelerator.autocast():
-                loss_sum, count = answer_token_loss(model, batch)
+                loss_sum, count = loss_of(model, batch)
                 if data_parallel is not None:
                     loss = loss_sum / step_tokens.clamp(min=1)
                 else:

@@ -30,7 +30,7 @@ from chemfl.llm.evaluation import evaluate_at_facility
 from chemfl.llm.lora import frozen_a_digest, load_packed_state, packed_state
 from chemfl.llm.model import ModelSpec
 from chemfl.llm.session import get_session
-from chemfl.llm.training import TrainResult, TrainSpec, batch_order_seed, train_local
+from chemfl.llm.training import TrainResult, TrainSpec, batch_order_seed, shard_base_weights, train_local
 from chemfl.protocol import NodeConfig, Task, TrainReport, task_local_steps
 from chemfl.trainer.admission import StepTimeEstimate, check_run_config
 from chemfl.trainer.channel import TrainerConnection, TrainerListener, TrainerReply, TrainerRequest
@@ -78,9 +78,18 @@ class RankReplica:
         self.group = group
         self.spec = TrainSpec.from_config(config)
         self.session = get_session(config, group.device)
+        if self.sharded:
+            shard_base_weights(self.session.model, group.device, group.ranks.world_size)
+            logger.info("base weights sharded over %d ranks (train.distributed = fsdp)", group.ranks.world_size)
         self.examples = LazyExamples(
             self.session.tokenizer, shard.train, self.spec.max_length, str(config["model.system-prompt"])
         )
+
+    @property
+    def sharded(self) -> bool:
+        """train.distributed = "fsdp" over several ranks: each rank holds 1/world of the base weights, so
+        the model runs only when every rank runs it (a forward gathers each layer's weights)."""
+        return self.spec.distributed == "fsdp" and self.group.ranks.world_size > 1
 
     def train(self, command: Command) -> TrainResult:
         """Start from rank 0's adapter, then `command.steps` data-parallel steps (every rank calls this)."""
@@ -187,6 +196,12 @@ class RankZero:
             self.estimate.check_fits(steps, remaining_walltime(self._node_config()))
             seed = batch_order_seed(self.replica.spec.seed, task.batch_order_key, self.replica.shard.partition_id)
             admitted = Admitted("train", Command("train", steps, seed, task.lr_scale))
+        elif self.replica.sharded:
+            raise ChemFLError(
+                "this trainer shards its base model over its ranks (train.distributed = 'fsdp') and evaluates on "
+                "rank 0 alone: evaluate on the server (eval.at = 'server', strategy.fraction-evaluate = 0) or train "
+                "with train.distributed = 'ddp'"
+            )
         elif task.evaluate_on == Task.TEST_SET:
             self.test_set()  # read now: a missing test set is a refusal
             admitted = Admitted("evaluate", on_test_set=True)
@@ -271,6 +286,7 @@ def configure_logging(ranks: RankEnv) -> None:
 
 def run_trainer(settings: TrainerSettings, ranks: RankEnv, started: float) -> int:
     """One rank of the trainer, from joining the group to shutdown (0); failures never return."""
+    TrainSpec.from_config(settings.config)  # train.* knobs (train.distributed with model.quantization)
     if ModelSpec.from_config(settings.config).quantization != "none" and ranks.world_size > 1:
         raise ChemFLError(
             f"model.quantization = {settings.config['model.quantization']!r} (QLoRA) trains on one device, but "
