@@ -81,7 +81,8 @@ def test_a_trainer_sharding_its_base_model_trains_as_one_process_and_refuses_to_
     trainer = TrainerProcess(trainer_setup, tmp_path, extra=("--set", "train.distributed=fsdp"))
     try:
         trainer.wait_ready()
-        assert trainer.count(r"rank [01]/2 chemfl.trainer INFO: base weights sharded over 2 ranks") == 2
+        for rank in (0, 1):  # each rank's line, however late its stream is read
+            trainer.wait_for(rf"rank {rank}/2 chemfl.trainer INFO: base weights sharded over 2 ranks", timeout=30)
         config = {**trainer_setup.config, "train.distributed": "fsdp"}
         model, tokenizer = fresh_adapter(config)
         sent = as_arrays(model, config)
