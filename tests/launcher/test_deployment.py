@@ -6,8 +6,11 @@ off) set up by `chemfl launch superlink` and started from its superlink.sh; keys
 `chemfl launch register`; three local facilities started and kept alive by `chemfl launch submit
 --watch`; a real `flwr run` of this repository with a tiny model. Mid-run one facility's job is
 killed the way a scheduler kills a job at its walltime (SIGKILL to its process group): the watcher
-resubmits it, the new SuperNode is refused while its key still counts as online and retries until
-it is let in, and the run finishes. A SuperNode with an unregistered key is refused.
+resubmits it and the run finishes on the others. A SuperNode with an unregistered key is refused.
+(The resubmitted SuperNode, refused while its predecessor's key still counts as online, retries until
+it is let in: the job script's retry is tested below against a stand-in, and a real re-admission
+after a kill in tests/launcher/test_deployment_per_job.py, whose facility must rejoin; waiting for it
+here as well cost CI most of a minute.)
 
 Strategy: FedBuff (buffer 2, 2 versions). It keeps stepping on the two facilities that remain while
 the killed one is away. Synchronous FedAvg would hold its round until the killed node's work is
@@ -272,7 +275,6 @@ def test_REAL_deployment_survives_a_killed_facility_job(tmp_path: Path, processe
     victim = first["facility"]
     job = read_state(launch)["facilities"][victim]["job_id"]
     os.killpg(local_pid(job), signal.SIGKILL)
-    killed_at = time.monotonic()
 
     def restarted() -> bool:
         events = [(e["facility"], e["event"], e["job_id"]) for e in read_events(launch / "launch.jsonl")]
@@ -295,18 +297,6 @@ def test_REAL_deployment_survives_a_killed_facility_job(tmp_path: Path, processe
     assert versions == [0, 1, 2]
     accepted = [update for update in updates(metrics) if update["accepted"]]
     assert len(accepted) == 2 * 2 and {u["facility"] for u in accepted} >= set(FACILITIES) - {victim}
-
-    # --- the resubmitted job: refused while the killed SuperNode's key still counted as online, then let in
-    resubmitted_log = launch / f"{victim}.sh.1.log"
-    wait_for(
-        lambda: "SuperNode ID:" in resubmitted_log.read_text(errors="replace"),
-        150 - (time.monotonic() - killed_at),
-        f"{victim}'s restarted SuperNode was never let in",
-        logs,
-    )
-    text = resubmitted_log.read_text(errors="replace")
-    assert "refused by the SuperLink; retrying" in text, logs()
-    assert text.index("code: 2004") < text.index("SuperNode ID:")
 
     # --- the unregistered key was refused ------------------------------------------------------------
     wait_for(lambda: rogue_node.poll() is not None, 30, "the unregistered SuperNode was not refused", logs)
