@@ -5,6 +5,7 @@ fresh replicas at the seeded adapter every rank starts from."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -24,6 +25,23 @@ from tests.trainer.conftest import TrainerSetup
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 REPOSITORY = Path(__file__).resolve().parents[2]
+
+
+def run_two_ranks(script: str, case: dict, folder: Path) -> np.lib.npyio.NpzFile:
+    """torchrun two gloo ranks of tests/trainer/<script> on `case` (written as JSON); what they saved."""
+    case_file, out = folder / "case.json", folder / "ranks.npz"
+    case_file.write_text(json.dumps(case))
+    done = subprocess.run(
+        [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", str(REPOSITORY / "tests" / "trainer" / script)]
+        + [str(case_file), str(out)],
+        cwd=REPOSITORY,
+        env={**os.environ, "PYTHONPATH": str(REPOSITORY), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return np.load(out)
 
 
 def fresh_adapter(config: dict) -> tuple[object, object]:

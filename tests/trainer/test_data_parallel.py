@@ -3,18 +3,13 @@ process ends with at batch 2b, on the same examples and seed, also with gradient
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-
-import numpy as np
 import pytest
 from accelerate import Accelerator
 
 from chemfl.data_prep.formatting import LazyExamples
 from chemfl.data_prep.shards import load_shard
 from chemfl.llm.training import DataParallel, TrainSpec, train_local
-from tests.trainer.harness import REPOSITORY, TORCHRUN, as_arrays, fresh_adapter, max_difference
+from tests.trainer.harness import as_arrays, fresh_adapter, max_difference, run_two_ranks
 
 DDP_BOUND = 1e-5
 SEED = 7
@@ -22,20 +17,8 @@ SEED = 7
 
 def train_on_two_ranks(setup, folder, grad_accums: tuple[int, ...]) -> dict[int, dict]:
     """{grad_accum: {"arrays", "loss", "tokens"}} from tests/trainer/data_parallel_ranks.py."""
-    case, out = folder / "case.json", folder / "ranks.npz"
-    sent = {"config": setup.config, "shard": str(setup.shard), "seed": SEED, "grad_accum": grad_accums}
-    case.write_text(json.dumps(sent))
-    script = REPOSITORY / "tests" / "trainer" / "data_parallel_ranks.py"
-    done = subprocess.run(
-        [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", str(script), str(case), str(out)],
-        cwd=REPOSITORY,
-        env={**os.environ, "PYTHONPATH": str(REPOSITORY), "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    saved = np.load(out)
+    case = {"config": setup.config, "shard": str(setup.shard), "seed": SEED, "grad_accum": grad_accums}
+    saved = run_two_ranks("data_parallel_ranks.py", case, folder)
     return {
         accum: {
             "arrays": {key.split("/", 1)[1]: saved[key] for key in saved.files if key.startswith(f"{accum}/")},

@@ -4,11 +4,6 @@ knob's bad values are clear errors when the config is checked."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-
-import numpy as np
 import pytest
 from accelerate import Accelerator
 
@@ -20,7 +15,7 @@ from chemfl.llm.training import TrainSpec, batch_order_seed, train_local
 from chemfl.trainer.channel import TrainerError
 from chemfl.trainer.ranks import RankEnv
 from chemfl.trainer.service import TrainerSettings, run_trainer
-from tests.trainer.harness import REPOSITORY, TORCHRUN, TrainerProcess, as_arrays, fresh_adapter, max_difference
+from tests.trainer.harness import TrainerProcess, as_arrays, fresh_adapter, max_difference, run_two_ranks
 
 FSDP_BOUND = 1e-5
 SEED = 7
@@ -28,19 +23,8 @@ SEED = 7
 
 def train_both_ways(setup, folder) -> dict[str, dict]:
     """{"ddp" | "fsdp": {"arrays", "loss", "tokens", "held"}} from tests/trainer/fsdp_ranks.py."""
-    case, out = folder / "case.json", folder / "ranks.npz"
-    case.write_text(json.dumps({"config": setup.config, "shard": str(setup.shard), "seed": SEED, "grad_accum": 2}))
-    script = REPOSITORY / "tests" / "trainer" / "fsdp_ranks.py"
-    done = subprocess.run(
-        [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", str(script), str(case), str(out)],
-        cwd=REPOSITORY,
-        env={**os.environ, "PYTHONPATH": str(REPOSITORY), "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    saved = np.load(out)
+    case = {"config": setup.config, "shard": str(setup.shard), "seed": SEED, "grad_accum": 2}
+    saved = run_two_ranks("fsdp_ranks.py", case, folder)
     return {
         mode: {
             "arrays": {key.split("/", 1)[1]: saved[key] for key in saved.files if key.startswith(f"{mode}/")},
