@@ -87,11 +87,14 @@ def exchanged_state(peft_model, spec: LoraSpec) -> OrderedDict[str, torch.Tensor
     )
 
 
+def lora_parameters(peft_model) -> dict[str, torch.nn.Parameter]:
+    """Every LoRA A and B matrix of a peft model (trained or frozen), by peft's parameter name."""
+    return {name: p for name, p in peft_model.named_parameters() if ".lora_A." in name or ".lora_B." in name}
+
+
 def load_exchanged_state(peft_model, spec: LoraSpec, state: dict[str, torch.Tensor]) -> None:
     """Copy received tensors into the adapter; keys and shapes must match exactly."""
-    parameters = {
-        _adapter_name(name): p for name, p in peft_model.named_parameters() if ".lora_A." in name or ".lora_B." in name
-    }
+    parameters = {_adapter_name(name): p for name, p in lora_parameters(peft_model).items()}
     expected = {k for k in parameters if not (spec.freeze_a and ".lora_A." in k)}
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)

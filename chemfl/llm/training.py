@@ -137,11 +137,6 @@ def is_sharded(model) -> bool:
     return any(isinstance(parameter, DTensor) for parameter in model.parameters())
 
 
-def adapter_parameters(model) -> list[torch.nn.Parameter]:
-    """Every LoRA A and B matrix of a peft model (trained or frozen)."""
-    return [p for name, p in model.named_parameters() if ".lora_A." in name or ".lora_B." in name]
-
-
 def shard_base_weights(model, device: torch.device, world_size: int) -> None:
     """train.distributed = "fsdp": shard the frozen base weights over the ranks with FSDP2
     (`fully_shard` on every decoder layer, then at the root), so each rank holds 1/world of them.
@@ -154,9 +149,11 @@ def shard_base_weights(model, device: torch.device, world_size: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    from chemfl.llm.lora import lora_parameters
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     mesh = init_device_mesh(device.type, (world_size,))
-    ignored = set(adapter_parameters(model))
+    ignored = set(lora_parameters(model).values())
     block_names = set(getattr(base, "_no_split_modules", None) or ())
     blocks = [module for module in base.modules() if type(module).__name__ in block_names]
     if not blocks:

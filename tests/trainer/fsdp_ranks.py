@@ -16,13 +16,14 @@ from torch.distributed.tensor import DTensor
 
 from chemfl.data_prep.formatting import LazyExamples
 from chemfl.data_prep.shards import load_shard
-from chemfl.llm.training import DataParallel, TrainSpec, adapter_parameters, shard_base_weights, train_local
+from chemfl.llm.lora import lora_parameters
+from chemfl.llm.training import DataParallel, TrainSpec, shard_base_weights, train_local
 from tests.trainer.harness import as_arrays, fresh_adapter
 
 
 def base_weights_held(model) -> tuple[int, int]:
     """(elements of the base weights this rank holds, elements of the whole base model)."""
-    adapter = {id(p) for p in adapter_parameters(model)}
+    adapter = {id(p) for p in lora_parameters(model).values()}
     held = whole = 0
     for parameter in model.parameters():
         if id(parameter) in adapter:
