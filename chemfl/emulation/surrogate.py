@@ -39,7 +39,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -89,47 +90,66 @@ class SurrogateObjective:
     def heterogeneity(self) -> float:
         return self.by_task_heterogeneity if self.by_task else self.iid_heterogeneity
 
-    @property
+    @cached_property
     def dims(self) -> int:
         return self.shared_dims + (self.task_dims * len(self.facilities) if self.by_task else 0)
 
-    @property
+    # Derived once per campaign (cached): every task and every evaluation reads them.
+    @cached_property
     def curvatures(self) -> np.ndarray:
         groups = 1 + (len(self.facilities) if self.by_task else 0)
         sizes = [self.shared_dims] + [self.task_dims] * (groups - 1)
         return np.concatenate([np.geomspace(1.0, 1.0 / self.condition, size) for size in sizes])
 
+    @cached_property
+    def _masks(self) -> dict[str, np.ndarray]:
+        masks = {}
+        for index, facility in enumerate(self.facilities):
+            mask = np.zeros(self.dims)
+            mask[: self.shared_dims] = 1.0
+            if self.by_task:
+                first = self.shared_dims + self.task_dims * index
+                mask[first : first + self.task_dims] = 1.0
+            else:
+                mask[:] = 1.0
+            masks[facility] = mask
+        return masks
+
     def uses(self, facility: str) -> np.ndarray:
         """m_i: 1 on the directions facility i's tasks use."""
-        mask = np.zeros(self.dims)
-        mask[: self.shared_dims] = 1.0
-        if self.by_task:
-            first = self.shared_dims + self.task_dims * self.facilities.index(facility)
-            mask[first : first + self.task_dims] = 1.0
-        else:
-            mask[:] = 1.0
-        return mask
+        return self._masks[facility]
 
-    @property
+    @cached_property
     def centre(self) -> np.ndarray:
         """The pooled optimum; every direction holds the same share of the initial excess loss."""
         share = np.mean([self.uses(f) for f in self.facilities], axis=0)  # of the test loss each direction is in
         return np.sqrt(2.0 * self.initial_excess / (self.dims * self.curvatures * share))
 
-    def optimum(self, facility: str) -> np.ndarray:
+    @cached_property
+    def _optima(self) -> dict[str, np.ndarray]:
         directions = np.random.default_rng(7919).standard_normal((len(self.facilities), self.shared_dims))
         directions -= directions.mean(axis=0)  # centred: the pooled optimum stays the centre
-        optimum = self.centre.copy()
-        optimum[: self.shared_dims] *= 1.0 + self.heterogeneity * directions[self.facilities.index(facility)]
-        return optimum
+        optima = {}
+        for index, facility in enumerate(self.facilities):
+            optimum = self.centre.copy()
+            optimum[: self.shared_dims] *= 1.0 + self.heterogeneity * directions[index]
+            optima[facility] = optimum
+        return optima
+
+    def optimum(self, facility: str) -> np.ndarray:
+        return self._optima[facility]
 
     def _quadratic(self, x: np.ndarray, facility: str) -> float:
         return 0.5 * float(np.sum(self.uses(facility) * self.curvatures * (x - self.optimum(facility)) ** 2))
 
+    @cached_property
+    def _spread(self) -> float:
+        """Mean over facilities of their loss at the pooled optimum: what no shared model escapes."""
+        return float(np.mean([self._quadratic(self.centre, f) for f in self.facilities]))
+
     def loss(self, facility: str, x: np.ndarray) -> float:
         """f_i, offset so that the test loss (their mean) is `floor` at the pooled optimum."""
-        spread = float(np.mean([self._quadratic(self.centre, f) for f in self.facilities]))
-        return self.floor - spread + self._quadratic(x, facility)
+        return self.floor - self._spread + self._quadratic(x, facility)
 
     def test_loss(self, x: np.ndarray) -> float:
         return float(np.mean([self.loss(facility, x) for facility in self.facilities]))
@@ -158,7 +178,7 @@ class SurrogateNodes:
     objective: SurrogateObjective
     seed: int
     default_steps: int
-    replies: dict[str, EmulatedReply]
+    replies: dict[str, EmulatedReply] = field(default_factory=dict)
 
     def push_messages(self, messages: list[Message]) -> list[str]:
         return [self._train(message) for message in messages]
@@ -188,7 +208,7 @@ class SurrogateNodes:
                 protocol.NODE: ConfigRecord(NodeInfo(facility).to_record()),
             }
         )
-        message_id = f"surrogate-{len(self.replies)}-{task.task_id}"
+        message_id = f"surrogate-{task.task_id}"  # the loop numbers every dispatch
         self.replies[message_id] = EmulatedReply(
             SimpleNamespace(src_node_id=node_id, reply_to_message_id=message_id), content=content
         )
@@ -211,7 +231,7 @@ def run_surrogate_campaign(config: dict[str, Scalar]) -> Path:
     objective = SurrogateObjective.for_run(config, specs)
     outputs = RunOutputs(Path(str(config["outputs.dir"])), str(config["run-name"]))
     outputs.write_json("config.json", config)
-    nodes = SurrogateNodes(objective, campaign.seed, spec.local_steps, {})
+    nodes = SurrogateNodes(objective, campaign.seed, spec.local_steps)
     real_node_of = {facility: index + 1 for index, facility in enumerate(objective.facilities)}
     emulated, hooks = emulated_run(
         nodes, campaign, real_node_of, spec, outputs.append_metrics, strategy.rule.next_due, objective="surrogate"
