@@ -70,12 +70,17 @@ def _adapter_name(name: str) -> str:
     return name.replace(".default.", ".")
 
 
+def lora_parameters(peft_model) -> dict[str, torch.nn.Parameter]:
+    """Every LoRA A and B matrix of a peft model (trained or frozen), by peft's parameter name."""
+    return {name: p for name, p in peft_model.named_parameters() if ".lora_A." in name or ".lora_B." in name}
+
+
 def _exchanged_parameters(peft_model, spec: LoraSpec) -> OrderedDict[str, torch.nn.Parameter]:
     """The parameters that travel, by exchanged name: every LoRA A and B, or only B under freeze-a."""
     return OrderedDict(
         (_adapter_name(name), parameter)
-        for name, parameter in peft_model.named_parameters()
-        if ".lora_B." in name or (".lora_A." in name and not spec.freeze_a)
+        for name, parameter in lora_parameters(peft_model).items()
+        if ".lora_B." in name or not spec.freeze_a
     )
 
 
@@ -87,15 +92,10 @@ def exchanged_state(peft_model, spec: LoraSpec) -> OrderedDict[str, torch.Tensor
     )
 
 
-def lora_parameters(peft_model) -> dict[str, torch.nn.Parameter]:
-    """Every LoRA A and B matrix of a peft model (trained or frozen), by peft's parameter name."""
-    return {name: p for name, p in peft_model.named_parameters() if ".lora_A." in name or ".lora_B." in name}
-
-
 def load_exchanged_state(peft_model, spec: LoraSpec, state: dict[str, torch.Tensor]) -> None:
     """Copy received tensors into the adapter; keys and shapes must match exactly."""
-    parameters = {_adapter_name(name): p for name, p in lora_parameters(peft_model).items()}
-    expected = {k for k in parameters if not (spec.freeze_a and ".lora_A." in k)}
+    parameters = _exchanged_parameters(peft_model, spec)
+    expected = set(parameters)
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         raise ChemFLError(
